@@ -1,0 +1,366 @@
+"""The run configuration: typed dataclasses, loaded from YAML with ``--set`` overrides, validated once.
+
+Every later layer (loaders, engine, launchers) reads a ``RunConfig`` and trusts it, so everything a user can
+get wrong is checked here, before any process group, file or model exists. Errors are ``ConfigError``: one
+line naming the key, the bad value and what is expected.
+
+YAML files may name other files under ``defaults:`` (paths relative to ``configs/`` or to the file itself);
+those load first, the file's own keys override them, and ``--set section.key=value`` overrides last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+ARCHS = ("sovit_7", "sovit_10", "sovit_14", "sovit_19")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value: the message is one line that names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "sovit_7"
+    img_size: int = 224
+    num_classes: int = 1000
+    drop_path_rate: float = 0.1
+    drop_rate: float = 0.0
+    head: Literal["so", "cls"] = "so"  # "cls" switches the second-order branch off (ablation)
+
+
+@dataclass
+class DataConfig:
+    """What the loaders need. ``train``/``val`` are .beton files for ffcv and ImageFolder dirs otherwise."""
+
+    loader: Literal["ffcv", "dali", "torchvision"] = "ffcv"
+    train: str = ""
+    val: str = ""
+    micro_batch_size: int = 64  # per rank, per forward pass
+    workers: int = 8
+    img_size: int = 224  # train crop and eval crop
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, centre crop img_size
+    train_interpolation: str = "random"
+    eval_interpolation: str = "bicubic"
+    # DeiT extras; applied where the backend supports them (torchvision: all; ffcv/dali: documented subset)
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.4
+    reprob: float = 0.25
+    remode: str = "pixel"
+    os_cache: bool = True  # ffcv: read the .beton through the page cache (True) or process memory (False)
+    channels_last: bool = False
+    seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # at base_batch_size; scaled linearly with the global batch
+    base_batch_size: int = 512
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    clip_grad: float | None = None
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 300
+    cooldown_epochs: int = 10
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class MixupConfig:
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    prob: float = 1.0
+    switch_prob: float = 0.5
+    mode: Literal["batch", "pair", "elem"] = "batch"
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.99996
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 1024
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    seed: int = 0
+    max_steps: int | None = None  # stop early (demo, tests); None = the full schedule
+    eval_every_epochs: int = 1
+    log_every_steps: int = 20
+    peak_tflops: float | None = None  # for MFU; None = detected GPU bf16 peak, none on CPU
+
+
+@dataclass
+class CheckpointConfig:
+    run_dir: str = "runs/default"
+    every_steps: int = 1000
+    keep_last: int = 3
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project
+    experiment: str = "sovit"
+    run_name: str | None = None
+    system_metrics: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def grad_accum_steps(self, world_size: int) -> int:
+        return self.train.global_batch_size // (self.data.micro_batch_size * world_size)
+
+    def scaled_lr(self) -> float:
+        """The linear scaling rule (Goyal et al.): lr grows with the global batch."""
+        return self.optim.lr * self.train.global_batch_size / self.optim.base_batch_size
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr": 1e-3, ...}``: what MLflow records as params."""
+        return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
+
+    def validate(self, world_size: int | None = None) -> RunConfig:
+        """Cross-field checks. With ``world_size`` also the batch arithmetic of that many ranks."""
+        m, d, t = self.model, self.data, self.train
+        _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
+        _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
+        _check(m.img_size >= 32 and m.img_size % 8 == 0, "model.img_size", m.img_size,
+               "a multiple of 8, at least 32 (the token embedding downsamples by 8 or more)")
+        _check(d.img_size == m.img_size, "data.img_size", d.img_size,
+               f"equal to model.img_size ({m.img_size})")
+        for name, p in (("model.drop_path_rate", m.drop_path_rate), ("model.drop_rate", m.drop_rate),
+                        ("data.hflip", d.hflip), ("data.reprob", d.reprob),
+                        ("mixup.prob", self.mixup.prob), ("mixup.switch_prob", self.mixup.switch_prob),
+                        ("mixup.label_smoothing", self.mixup.label_smoothing)):
+            _check(0.0 <= p < 1.0 or (p == 1.0 and not name.startswith("model")), name, p,
+                   "a probability in [0, 1)")
+        _check(0 < d.scale[0] <= d.scale[1] <= 1, "data.scale", d.scale, "(min, max) with 0 < min <= max <= 1")
+        _check(0 < d.ratio[0] <= d.ratio[1], "data.ratio", d.ratio, "(min, max) with 0 < min <= max")
+        _check(0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "a fraction in (0, 1]")
+        _check(all(s > 0 for s in d.std), "data.std", d.std, "three positive numbers")
+        _check(d.micro_batch_size >= 1, "data.micro_batch_size", d.micro_batch_size, "an integer >= 1")
+        _check(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
+        _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "a positive number")
+        _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
+        _check(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", self.optim.betas, "two numbers in [0, 1)")
+        _check(self.optim.clip_grad is None or self.optim.clip_grad > 0, "optim.clip_grad",
+               self.optim.clip_grad, "a positive max-norm, or null for no clipping")
+        s = self.schedule
+        _check(s.epochs >= 1, "schedule.epochs", s.epochs, "an integer >= 1")
+        _check(0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+               f"an integer in [0, schedule.epochs={s.epochs})")
+        _check(s.cooldown_epochs >= 0, "schedule.cooldown_epochs", s.cooldown_epochs, ">= 0")
+        _check(0 <= self.ema.decay < 1, "ema.decay", self.ema.decay, "a number in [0, 1)")
+        _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
+        _check(t.eval_every_epochs >= 1, "train.eval_every_epochs", t.eval_every_epochs, ">= 1")
+        _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
+        _check(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", self.checkpoint.every_steps, ">= 1")
+        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last,
+               ">= 1 (the newest checkpoint is always kept)")
+        _check(bool(self.checkpoint.run_dir), "checkpoint.run_dir", self.checkpoint.run_dir, "a directory path")
+        _check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
+               f"a multiple of data.micro_batch_size={d.micro_batch_size}")
+        if world_size is not None:
+            per_step = d.micro_batch_size * world_size
+            _check(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+                   f"a multiple of data.micro_batch_size x world size = {d.micro_batch_size} x {world_size}"
+                   f" = {per_step}")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = (), world_size: int | None = None
+                ) -> RunConfig:
+    """Merge YAML ``files`` in order, then ``key=value`` overrides; build and validate a RunConfig."""
+    merged: dict[str, Any] = {}
+    for f in files:
+        _deep_merge(merged, _read_yaml(_resolve(f, CONFIGS_DIR), seen=()))
+    for o in overrides:
+        _deep_merge(merged, parse_override(o))
+    return from_dict(merged).validate(world_size)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The config flags every launcher shares, so ``train.py`` and ``submit.py`` read configs alike."""
+    parser.add_argument("--arch", help="7, 10, 14 or 19: loads configs/arch/sovit_N.yaml first")
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="config file(s) merged in order after --arch (repeatable)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override one key, e.g. --set optim.lr=5e-4 (repeatable, applied last)")
+
+
+def config_from_args(args: argparse.Namespace, world_size: int | None = None) -> RunConfig:
+    files: list[str | Path] = []
+    if args.arch is not None:
+        arch = str(args.arch).removeprefix("sovit_")
+        if f"sovit_{arch}" not in ARCHS:
+            raise ConfigError(f"--arch {args.arch!r} is invalid: expected one of 7, 10, 14, 19")
+        files.append(CONFIGS_DIR / "arch" / f"sovit_{arch}.yaml")
+    files += args.config
+    return load_config(files, args.overrides, world_size)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``"optim.lr=1e-3"`` -> ``{"optim": {"lr": 0.001}}``; the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or "." not in key:
+        raise ConfigError(f"override {text!r} is invalid: expected section.key=value, e.g. optim.lr=1e-3")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: dict[str, Any] = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Build a RunConfig, rejecting unknown sections/keys and values of the wrong type."""
+    return _build(RunConfig, raw, prefix="")
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(_yaml_safe(cfg.to_dict()), sort_keys=False))
+    tmp.replace(path)
+
+
+def _yaml_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _yaml_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_yaml_safe(v) for v in x]
+    return x
+
+
+def _resolve(name: str | Path, base: Path) -> Path:
+    p = Path(name)
+    for cand in (p, base / p, CONFIGS_DIR / p):
+        for c in (cand, cand.with_suffix(".yaml")):
+            if c.is_file():
+                return c
+    raise ConfigError(f"config file {str(name)!r} not found (looked in ., {base} and {CONFIGS_DIR})")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    merged: dict[str, Any] = {}
+    for parent in data.pop("defaults", None) or []:
+        _deep_merge(merged, _read_yaml(_resolve(parent, path.parent), seen + (path,)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(dst: dict[str, Any], src: dict[str, Any]) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_merge(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={raw!r} is invalid: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = prefix + unknown[0]
+        raise ConfigError(f"unknown config key {key!r}: expected one of {', '.join(prefix + f for f in fields)}")
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow int->float and list->tuple, nothing looser."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value in args and type(value) in {type(a) for a in args}:
+            return value
+        raise ConfigError(f"{key}={value!r} is invalid: expected one of {', '.join(map(repr, args))}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}={value!r} is invalid: expected a list of {len(args)} values")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{key}={value!r} is invalid: expected {getattr(tp, '__name__', tp)}")
