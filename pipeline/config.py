@@ -299,7 +299,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     merged: dict[str, Any] = {}
     for parent in data.pop("defaults", None) or []:
-        _deep_merge(merged, _read_yaml(_resolve(parent, path.parent), seen + (path,)))
+        _deep_merge(merged, _read_yaml(_resolve(parent, path.parent), (*seen, path)))
     _deep_merge(merged, data)
     return merged
 
