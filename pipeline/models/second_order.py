@@ -1,0 +1,87 @@
+"""Second-order pooling of visual tokens and its fast singular-value power normalisation (SVPN).
+
+The So-ViT head pools the visual tokens into a cross-covariance matrix Q (d1 x d2) and normalises its spectrum:
+SVPN(Q) = U S^alpha V^T. A full SVD per sample is slow on GPUs and CPUs alike, so the paper estimates only the
+top-k singular triplets by power iteration and rescales the rest by the k-th singular value:
+
+    SVPN_k(Q) = U_k S_k^alpha V_k^T + (Q - U_k S_k V_k^T) / s_k^(1 - alpha)
+
+For k = 1 this collapses to Q / s_1^(1 - alpha): one power iteration (two batched mat-vecs) per sample.
+Everything runs in fp32 with autocast off: s_1^(alpha - 1) of a bf16 Q loses the precision the head needs and the
+code this recipe descends from reported NaN losses under AMP.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_EPS = 1e-6  # floor on singular values and norms: a constant Q (all tokens equal) must not divide by zero
+
+
+def cross_covariance(x1: Tensor, x2: Tensor) -> Tensor:
+    """(B, d1, N), (B, d2, N) token features -> (B, d1, d2) cross-covariance over the N tokens."""
+    if x1.shape[0] != x2.shape[0] or x1.shape[-1] != x2.shape[-1]:
+        raise ValueError(f"cross_covariance needs (B, d1, N) and (B, d2, N) with equal B and N, got "
+                         f"{tuple(x1.shape)} and {tuple(x2.shape)}")
+    n = x1.shape[-1]
+    x1 = x1 - x1.mean(dim=-1, keepdim=True)
+    x2 = x2 - x2.mean(dim=-1, keepdim=True)
+    return x1 @ x2.transpose(-1, -2) / n
+
+
+def _power_iteration(q: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplet of each q (B, m, n) from start vectors v (B, n): returns u (B, m), s (B,), v (B, n)."""
+    for _ in range(iters):
+        u = torch.einsum("bmn,bn->bm", q, v)
+        u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        v = torch.einsum("bmn,bm->bn", q, u)
+        s = v.norm(dim=-1)
+        v = v / s.clamp_min(_EPS).unsqueeze(-1)
+    return u, s.clamp_min(_EPS), v
+
+
+def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Tensor | None = None) -> Tensor:
+    """Fast SVPN of a batch of matrices q (B, m, n); returns fp32 (B, m, n). Differentiable.
+
+    ``init`` holds the power-iteration start vectors, shape (n,) or (n, top_k) (the model learns them); by
+    default a fixed all-ones start. Deflation removes each found triplet before looking for the next one.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"svpn expects a batch of matrices (B, m, n), got shape {tuple(q.shape)}")
+    if not 1 <= top_k <= min(q.shape[-2:]):
+        raise ValueError(f"svpn top_k={top_k} is invalid: expected 1 <= top_k <= min(m, n) = {min(q.shape[-2:])}")
+    if iters < 1:
+        raise ValueError(f"svpn iters={iters} is invalid: expected >= 1")
+    b, _, n = q.shape
+    if init is None:
+        init = q.new_ones(n, top_k, dtype=torch.float32)
+    init = init.reshape(n, -1)
+    if init.shape[1] < top_k:
+        raise ValueError(f"svpn init has {init.shape[1]} start vectors for top_k={top_k}: pass shape ({n}, {top_k})")
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        q = q.float()
+        starts = (init.float() / init.float().norm(dim=0).clamp_min(_EPS)).T  # (k', n)
+        if top_k == 1:  # U S^a V^T + (Q - U S V^T) / s^(1-a) == Q / s^(1-a): only s_1 is needed
+            _, s, _ = _power_iteration(q, starts[0].expand(b, n), iters)
+            return q / s.pow(1.0 - alpha)[:, None, None]
+        residual, kept = q, None
+        for i in range(top_k):
+            u, s, v = _power_iteration(residual, starts[i].expand(b, n), iters)
+            rank1 = u.unsqueeze(-1) * v.unsqueeze(-2)  # (B, m, n)
+            residual = residual - s[:, None, None] * rank1
+            term = s.pow(alpha)[:, None, None] * rank1
+            kept = term if kept is None else kept + term
+        return kept + residual / s.pow(1.0 - alpha)[:, None, None]
+
+
+def svpn_svd(q: Tensor, alpha: float = 0.5, top_k: int | None = None) -> Tensor:
+    """Exact reference through ``torch.linalg.svd``: full U S^alpha V^T (top_k=None) or the top-k form above."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        u, s, vh = torch.linalg.svd(q.float(), full_matrices=False)
+        if top_k is None:
+            return u @ (s.clamp_min(0).pow(alpha).unsqueeze(-1) * vh)
+        uk, sk, vhk = u[..., :top_k], s[..., :top_k].clamp_min(_EPS), vh[..., :top_k, :]
+        low_rank = uk @ (sk.unsqueeze(-1) * vhk)
+        kept = uk @ (sk.pow(alpha).unsqueeze(-1) * vhk)
+        return kept + (q.float() - low_rank) / sk[..., -1:, None].pow(1.0 - alpha)
