@@ -31,14 +31,17 @@ def cross_covariance(x1: Tensor, x2: Tensor) -> Tensor:
 
 
 def _power_iteration(q: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top singular triplet of each q (B, m, n) from start vectors v (B, n): returns u (B, m), s (B,), v (B, n)."""
+    """Top singular triplet of each q (B, m, n) from start vector(s) v, (n,) shared or (B, n).
+
+    Returns u (B, m), s (B,), v (B, n). Batched matmuls, not einsum: this is the whole cost of the fast path.
+    """
     for _ in range(iters):
-        u = torch.einsum("bmn,bn->bm", q, v)
+        u = torch.matmul(q, v.unsqueeze(-1)).squeeze(-1)
         u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        v = torch.einsum("bmn,bm->bn", q, u)
-        s = v.norm(dim=-1)
-        v = v / s.clamp_min(_EPS).unsqueeze(-1)
-    return u, s.clamp_min(_EPS), v
+        v = torch.matmul(u.unsqueeze(-2), q).squeeze(-2)
+        s = v.norm(dim=-1).clamp_min(_EPS)
+        v = v / s.unsqueeze(-1)
+    return u, s, v
 
 
 def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Tensor | None = None) -> Tensor:
@@ -53,7 +56,7 @@ def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Te
         raise ValueError(f"svpn top_k={top_k} is invalid: expected 1 <= top_k <= min(m, n) = {min(q.shape[-2:])}")
     if iters < 1:
         raise ValueError(f"svpn iters={iters} is invalid: expected >= 1")
-    b, _, n = q.shape
+    n = q.shape[-1]
     if init is None:
         init = q.new_ones(n, top_k, dtype=torch.float32)
     init = init.reshape(n, -1)
@@ -63,16 +66,16 @@ def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Te
         q = q.float()
         starts = (init.float() / init.float().norm(dim=0).clamp_min(_EPS)).T  # (k', n)
         if top_k == 1:  # U S^a V^T + (Q - U S V^T) / s^(1-a) == Q / s^(1-a): only s_1 is needed
-            _, s, _ = _power_iteration(q, starts[0].expand(b, n), iters)
-            return q / s.pow(1.0 - alpha)[:, None, None]
+            _, s, _ = _power_iteration(q, starts[0], iters)
+            return q * s.pow(alpha - 1.0)[:, None, None]
         residual, kept = q, None
         for i in range(top_k):
-            u, s, v = _power_iteration(residual, starts[i].expand(b, n), iters)
+            u, s, v = _power_iteration(residual, starts[i], iters)
             rank1 = u.unsqueeze(-1) * v.unsqueeze(-2)  # (B, m, n)
             residual = residual - s[:, None, None] * rank1
             term = s.pow(alpha)[:, None, None] * rank1
             kept = term if kept is None else kept + term
-        return kept + residual / s.pow(1.0 - alpha)[:, None, None]
+        return kept + residual * s.pow(alpha - 1.0)[:, None, None]
 
 
 def svpn_svd(q: Tensor, alpha: float = 0.5, top_k: int | None = None) -> Tensor:
