@@ -1,0 +1,268 @@
+"""ImageFolder split -> FFCV ``.beton`` (fields ``image``, ``label``) plus a JSON sidecar ``<out>.json``.
+
+    python -m data_loaders.convert --src imagenet/train --out betons/train.beton --max-resolution 256
+    python -m data_loaders.convert --src imagenet/val --out betons/val.beton --classes-from betons/train.beton.json
+
+Real ImageNet copies are dirty, and FFCV's writer waits forever once one of its workers dies on a bad image.
+So every file is checked first, in parallel and cheaply (JPEGs are decoded at reduced DCT scale, which still
+reads the whole entropy-coded stream and so catches truncation): undecodable files are skipped and named, with
+the reason, on the console and in the sidecar. What FFCV's workers then read is normalised to 8-bit RGB (CMYK,
+grayscale, palette, alpha, 16-bit, PNG bytes under a .JPEG name, ...), and a watchdog turns a worker that dies
+anyway into an error instead of a hang. Output appears atomically: a temporary file is renamed at the end, the
+sidecar last, so an interrupted run leaves nothing that looks complete and never damages an earlier output.
+"""
+
+from __future__ import annotations
+
+import _thread
+import argparse
+import json
+import multiprocessing
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .folders import find_classes, list_samples
+
+Image.MAX_IMAGE_PIXELS = 300_000_000  # giants (e.g. 5000x3500 scans) are legitimate ImageNet images
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot produce a complete output; nothing was written in place of the destination."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    max_resolution: int = 256
+    write_mode: str = "jpg"  # jpg | raw | proportion (as FFCV's RGBImageField)
+    compress_probability: float = 0.5
+    jpeg_quality: int = 90
+    chunk_size: int = 100
+    workers: int = max(1, os.cpu_count() or 1)
+    limit_per_class: int | None = None
+
+    def check(self) -> None:
+        problems = [
+            (self.max_resolution >= 16, f"--max-resolution {self.max_resolution}", "an integer >= 16"),
+            (self.write_mode in ("jpg", "raw", "proportion"), f"--write-mode {self.write_mode!r}",
+             "jpg, raw or proportion"),
+            (0 <= self.compress_probability <= 1, f"--compress-probability {self.compress_probability}",
+             "a probability in [0, 1]"),
+            (1 <= self.jpeg_quality <= 100, f"--jpeg-quality {self.jpeg_quality}", "an integer in [1, 100]"),
+            (self.chunk_size >= 1, f"--chunk-size {self.chunk_size}", "an integer >= 1"),
+            (self.workers >= 1, f"--workers {self.workers}", "an integer >= 1"),
+            (self.limit_per_class is None or self.limit_per_class >= 1, f"--limit-per-class {self.limit_per_class}",
+             "an integer >= 1"),
+        ]
+        for ok, what, expected in problems:
+            if not ok:
+                raise ValueError(f"{what} is invalid: expected {expected}")
+
+
+def load_rgb(path: str, max_resolution: int) -> np.ndarray:
+    """Decode any PIL-readable image to HxWx3 uint8 RGB with its longer side at most ``max_resolution``."""
+    with Image.open(path) as im:
+        scale = min(1.0, max_resolution / max(im.size))
+        target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
+        if im.format == "JPEG" and scale < 1:
+            im.draft("RGB", target)  # decode giants at reduced DCT scale: same result, a fraction of the work
+        im.load()
+        im = _to_rgb(im)
+        if im.size != target:
+            im = im.resize(target, Image.Resampling.BOX if scale < 0.5 else Image.Resampling.BILINEAR,
+                           reducing_gap=None)
+        return np.asarray(im, dtype=np.uint8).copy()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: rescale, don't clip to white
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return Image.fromarray((a / hi * 255).clip(0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def check_image(path: str) -> str | None:
+    """Why ``path`` cannot be used (None if it decodes), checked as cheaply as a full decode allows."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip().lower()
+        if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
+            return "HTML/XML text, not an image (a failed download?)"
+        with Image.open(path) as im:
+            if im.width < 1 or im.height < 1:
+                return f"degenerate size {im.size}"
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+        return None
+    except Exception as e:  # PIL raises many types for corrupt data; each one means: skip this file
+        return f"undecodable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+
+
+class _CleanImages:
+    """The indexable dataset FFCV's writer reads: already-validated files, normalised to RGB uint8."""
+
+    def __init__(self, samples: list[tuple[str, int]], max_resolution: int):
+        self.samples, self.max_resolution = samples, max_resolution
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        path, label = self.samples[i]
+        try:
+            return load_rgb(path, self.max_resolution), label
+        except Exception as e:
+            raise ConversionError(f"{path} passed the check but failed to load: {e}") from e
+
+
+def _watch_workers(stop: threading.Event, failed: list[int]) -> None:
+    """Interrupt the main thread when an FFCV writer worker dies: FFCV itself would wait for it forever."""
+    seen: set[multiprocessing.Process] = set()
+    while not stop.wait(0.5):
+        seen.update(multiprocessing.active_children())
+        bad = [p.exitcode for p in seen if p.exitcode not in (None, 0)]
+        if bad:
+            failed.extend(bad)
+            _thread.interrupt_main()
+            return
+
+
+def convert(src: str | Path, out: str | Path, *, classes_from: str | Path | None = None,
+            options: ConvertOptions | None = None, progress: bool = True) -> dict:
+    """Convert one ImageFolder split; returns the report that is also written to ``<out>.json``."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    opts = options or ConvertOptions()
+    opts.check()
+    src, out = Path(src), Path(out)
+    if out.suffix != ".beton":
+        raise ValueError(f"--out {out} is invalid: expected a file name ending in .beton")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
+    classes = find_classes(src)
+    if classes_from is not None:
+        classes = _read_sidecar_classes(Path(classes_from))
+    samples = list_samples(src, classes)
+    if opts.limit_per_class:  # samples are sorted by class, then name: keep the first N of each class
+        samples = [s for i, s in enumerate(samples)
+                   if i < opts.limit_per_class or samples[i - opts.limit_per_class][1] != s[1]]
+
+    t0 = time.perf_counter()
+    with multiprocessing.Pool(opts.workers) as pool:
+        problems = list(_progress(pool.imap(check_image, [p for p, _ in samples], chunksize=64),
+                                  len(samples), "checking", progress))
+    skipped = [{"path": p, "reason": why} for (p, _), why in zip(samples, problems, strict=True) if why]
+    kept = [s for s, why in zip(samples, problems, strict=True) if not why]
+    for s in skipped:
+        print(f"skipped {s['path']}: {s['reason']}")
+    empty = sorted(set(range(len(classes))) - {label for _, label in kept})
+    if not kept or empty:
+        raise ConversionError(f"no decodable images for class(es) {[classes[i] for i in empty][:5]} in {src}: "
+                              "every class needs at least one image")
+    t_check = time.perf_counter() - t0
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    sidecar, sidecar_tmp = sidecar_path(out), out.with_name(f".{out.name}.json.{os.getpid()}.tmp")
+    stop, failed = threading.Event(), []
+    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True)
+    try:
+        writer = DatasetWriter(str(tmp), {
+            "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                                   compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality),
+            "label": IntField(),
+        }, num_workers=opts.workers)
+        watchdog.start()
+        try:
+            writer.from_indexed_dataset(_CleanImages(kept, opts.max_resolution), chunksize=opts.chunk_size)
+        except KeyboardInterrupt:
+            if failed:
+                raise ConversionError(f"an FFCV writer worker died (exit codes {failed}); see its traceback "
+                                      f"above; {out} was not written") from None
+            raise
+        finally:
+            stop.set()
+        elapsed = time.perf_counter() - t0
+        per_class = {c: 0 for c in classes}
+        for _, label in kept:
+            per_class[classes[label]] += 1
+        report = {
+            "format": "ffcv", "fields": {"image": "RGBImageField", "label": "IntField"},
+            "source": str(src.resolve()), "num_samples": len(kept), "num_classes": len(classes),
+            "classes": classes, "counts": per_class, "skipped": skipped, "options": asdict(opts),
+            "bytes": tmp.stat().st_size, "seconds": round(elapsed, 2), "check_seconds": round(t_check, 2),
+            "images_per_second": round(len(kept) / elapsed, 1),
+            "images_per_second_per_worker": round(len(kept) / elapsed / opts.workers, 1),
+        }
+        sidecar_tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+        sidecar_tmp.replace(sidecar)  # last: a sidecar names a complete .beton
+    finally:
+        for f in (tmp, sidecar_tmp):
+            f.unlink(missing_ok=True)
+    return report
+
+
+def sidecar_path(beton: str | Path) -> Path:
+    beton = Path(beton)
+    return beton.with_name(beton.name + ".json")
+
+
+def _read_sidecar_classes(path: Path) -> list[str]:
+    if path.suffix == ".beton":
+        path = sidecar_path(path)
+    try:
+        return list(json.loads(path.read_text())["classes"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"--classes-from {path}: cannot read a class list from it ({e}); expected the "
+                         ".beton.json sidecar written when the train split was converted") from None
+
+
+def _progress(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="img", smoothing=0.1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data_loaders.convert", description=__doc__.splitlines()[0])
+    d = ConvertOptions()
+    p.add_argument("--src", required=True, help="one split of an ImageFolder: SRC/<class>/<image>")
+    p.add_argument("--out", required=True, help="output .beton (a <out>.json sidecar is written beside it)")
+    p.add_argument("--classes-from", help="sidecar (or .beton) of the train split: val must use its class list")
+    p.add_argument("--max-resolution", type=int, default=d.max_resolution, help="longer side, pixels")
+    p.add_argument("--write-mode", default=d.write_mode, choices=["jpg", "raw", "proportion"])
+    p.add_argument("--compress-probability", type=float, default=d.compress_probability)
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
+    p.add_argument("--workers", type=int, default=d.workers)
+    p.add_argument("--limit-per-class", type=int, default=None, help="quick subsets: at most N images per class")
+    a = p.parse_args(argv)
+    opts = ConvertOptions(a.max_resolution, a.write_mode, a.compress_probability, a.jpeg_quality, a.chunk_size,
+                          a.workers, a.limit_per_class)
+    try:
+        r = convert(a.src, a.out, classes_from=a.classes_from, options=opts)
+    except (ValueError, ConversionError) as e:
+        p.exit(2, f"error: {e}\n")
+    print(f"wrote {a.out}: {r['num_samples']} images, {r['num_classes']} classes, {len(r['skipped'])} skipped, "
+          f"{r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f} s ({r['images_per_second']:.0f} img/s, "
+          f"{r['images_per_second_per_worker']:.0f} img/s per worker); report: {sidecar_path(a.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A small, learnable JPEG ImageFolder: the embedded data of the demo and the tests (no download needed).
+
+    python -m data_loaders.synthetic --out data/synthetic --classes 10 --per-class 200 --size 160
+
+Each class is a shape (disc, square, triangle, cross, ring, diamond) filled with a texture (flat, stripes,
+checks, dots) in a class hue; position, scale, rotation of the texture, background and pixel noise are random.
+So a model has to look at the object, yet a small So-ViT separates 10 classes well within minutes. The output
+is a pure function of the arguments (byte-identical files for a seed) and appears atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import io
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
+TEXTURES = ("flat", "stripes", "checks", "dots")
+
+
+def _rgb(hue: float, sat: float, val: float) -> tuple[int, int, int]:
+    r, g, b = colorsys.hsv_to_rgb(hue % 1.0, sat, val)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _texture(size: int, kind: str, color: tuple[int, int, int], rng: np.random.Generator) -> Image.Image:
+    """A size x size RGB texture of the class colour; the pattern's period and phase are random."""
+    base = np.empty((size, size, 3), np.float32)
+    base[:] = color
+    if kind != "flat":
+        period = rng.uniform(size / 12, size / 5)
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        phase = rng.uniform(0, period, 2)
+        if kind == "stripes":
+            mask = ((xx + yy + phase[0]) // (period / 2)) % 2 == 0
+        elif kind == "checks":
+            mask = (((xx + phase[0]) // period + (yy + phase[1]) // period) % 2) == 0
+        else:  # dots
+            mask = ((xx + phase[0]) % period - period / 2) ** 2 + ((yy + phase[1]) % period - period / 2) ** 2 < (
+                period / 4) ** 2
+        base[mask] *= 0.35
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+def _shape_mask(size: int, shape: str, box: tuple[float, float, float, float]) -> Image.Image:
+    mask = Image.new("L", (size, size), 0)
+    d = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = box
+    cx, cy, w = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0
+    if shape == "disc":
+        d.ellipse(box, fill=255)
+    elif shape == "square":
+        d.rectangle(box, fill=255)
+    elif shape == "triangle":
+        d.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=255)
+    elif shape == "cross":
+        t = w / 6
+        d.rectangle((cx - t, y0, cx + t, y1), fill=255)
+        d.rectangle((x0, cy - t, x1, cy + t), fill=255)
+    elif shape == "ring":
+        d.ellipse(box, fill=255)
+        d.ellipse((x0 + w / 4, y0 + w / 4, x1 - w / 4, y1 - w / 4), fill=0)
+    else:  # diamond
+        d.polygon([(cx, y0), (x1, cy), (cx, y1), (x0, cy)], fill=255)
+    return mask
+
+
+def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
+    """One image of class ``label``."""
+    shape, texture = SHAPES[label % len(SHAPES)], TEXTURES[(label // len(SHAPES)) % len(TEXTURES)]
+    hue = label * 0.618034 + rng.normal(0, 0.02)
+    bg = np.empty((size, size, 3), np.float32)
+    bg[:] = _rgb(rng.uniform(), rng.uniform(0.1, 0.4), rng.uniform(0.3, 0.9))
+    bg += np.linspace(-30, 30, size, dtype=np.float32)[:, None, None] * rng.choice([-1, 1])
+    img = Image.fromarray(bg.clip(0, 255).astype(np.uint8))
+    w = rng.uniform(0.35, 0.75) * size
+    x0, y0 = rng.uniform(0, size - w, 2)
+    fg = _texture(size, texture, _rgb(hue, rng.uniform(0.6, 1.0), rng.uniform(0.6, 1.0)), rng)
+    img.paste(fg, (0, 0), _shape_mask(size, shape, (x0, y0, x0 + w, y0 + w)))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, 12, (size, size, 3))
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def generate(out: str | Path, classes: int = 10, per_class: int = 200, size: int = 160,
+             val_per_class: int | None = None, seed: int = 0, quality: int = 90) -> Path:
+    """Write ``out/{train,val}/class_XX/*.JPEG``; refuses to touch an existing ``out``."""
+    out = Path(out)
+    if classes < 2 or per_class < 1 or size < 16:
+        raise ValueError(f"synthetic data needs classes >= 2, per_class >= 1, size >= 16; got classes={classes}, "
+                         f"per_class={per_class}, size={size}")
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+    val_per_class = max(1, per_class // 4) if val_per_class is None else val_per_class
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for split_id, (split, n) in enumerate((("train", per_class), ("val", val_per_class))):
+            for label in range(classes):
+                d = tmp / split / f"class_{label:02d}"
+                d.mkdir(parents=True)
+                for i in range(n):
+                    rng = np.random.default_rng([seed, split_id, label, i])
+                    buf = io.BytesIO()
+                    render(label, size, rng).save(buf, "JPEG", quality=quality)
+                    (d / f"{split}_{label:02d}_{i:05d}.JPEG").write_bytes(buf.getvalue())
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m data_loaders.synthetic", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output directory (must not exist)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--per-class", type=int, default=200, help="train images per class")
+    p.add_argument("--val-per-class", type=int, default=None, help="default: per-class / 4")
+    p.add_argument("--size", type=int, default=160, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    try:
+        out = generate(a.out, a.classes, a.per_class, a.size, a.val_per_class, a.seed)
+    except (ValueError, FileExistsError) as e:
+        p.exit(2, f"error: {e}\n")
+    print(f"wrote {out} ({a.classes} classes)")
+
+
+if __name__ == "__main__":
+    main()
