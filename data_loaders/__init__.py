@@ -1,0 +1,33 @@
+"""Data for So-ViT: one loader contract (see ``base``), three implementations, plus conversion and synthetic data.
+
+``build(cfg, split, rank, world_size, device)`` picks the implementation named by ``cfg.loader``; backends are
+imported lazily, so a machine without FFCV or DALI can still use the others.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.config import DataConfig
+
+from .base import Loader, Split
+
+
+def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
+          num_classes: int | None = None) -> Loader:
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} is invalid: expected 'train' or 'val'")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
+    if cfg.loader == "ffcv":
+        from .ffcv_loader import FFCVLoader as impl
+    elif cfg.loader == "dali":
+        from .dali_loader import DALILoader as impl
+    elif cfg.loader == "torchvision":
+        from .torchvision_loader import TorchvisionLoader as impl
+    else:
+        raise ValueError(f"data.loader={cfg.loader!r} is invalid: expected ffcv, dali or torchvision")
+    return impl(cfg, split, rank, world_size, device, num_classes)
+
+
+__all__ = ["Loader", "build"]

@@ -1,0 +1,87 @@
+"""The baseline: an ImageFolder read by PIL in DataLoader workers, with timm's full DeiT train transform.
+
+Every sample's augmentation draws from RNGs seeded by (seed, epoch, index), and the sampler hands out
+``(index, epoch)`` pairs, so an epoch is reproduced exactly wherever and however often it is resumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.config import DataConfig
+
+from .base import Split, check_num_classes, num_batches, rank_indices, split_path
+from .folders import find_classes, list_samples
+
+
+class _SeededFolder(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform, seed: int):
+        self.samples, self.transform, self.seed = samples, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, epoch = key
+        seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
+        random.seed(seed)  # timm's transforms draw from all three: random, numpy (RandAugment's op choice), torch
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        path, label = self.samples[index]
+        with Image.open(path) as im:
+            return self.transform(im.convert("RGB")), label
+
+
+class TorchvisionLoader:
+    def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
+                 num_classes: int | None = None):
+        root = split_path(cfg, split)
+        if not root.is_dir():
+            raise ValueError(f"data.{split}={str(root)!r} is not a directory: the {cfg.loader} loader reads an "
+                             "ImageFolder (<split>/<class>/<image>)")
+        self.classes = find_classes(root)
+        check_num_classes(self.classes, num_classes, root)
+        samples = list_samples(root, self.classes)
+        if split == "train":
+            transform = create_transform(
+                cfg.img_size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, vflip=0.0,
+                color_jitter=cfg.color_jitter or None, auto_augment=cfg.auto_augment,
+                interpolation=cfg.train_interpolation, mean=cfg.mean, std=cfg.std, re_prob=cfg.reprob,
+                re_mode=cfg.remode, re_count=1)
+        else:
+            transform = create_transform(cfg.img_size, is_training=False, interpolation=cfg.eval_interpolation,
+                                         crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
+        self.dataset = _SeededFolder(samples, transform, cfg.seed)
+        self.cfg, self.split, self.rank, self.world_size, self.device = cfg, split, rank, world_size, device
+        self.epoch, self.start_batch = 0, 0
+        n = len(rank_indices(len(samples), split, rank, world_size, cfg.micro_batch_size, cfg.seed, 0))
+        self._len = num_batches(n, cfg.micro_batch_size, split)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        bs = self.cfg.micro_batch_size
+        indices = rank_indices(len(self.dataset), self.split, self.rank, self.world_size, bs, self.cfg.seed,
+                               self.epoch)
+        keys = [(int(i), self.epoch) for i in indices[self.start_batch * bs:]]
+        loader = DataLoader(self.dataset, batch_size=bs, sampler=keys, num_workers=self.cfg.workers,
+                            pin_memory=self.device.type == "cuda", drop_last=self.split == "train",
+                            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None)
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True, memory_format=self._memory_format()),
+                   labels.to(self.device, non_blocking=True))
+        self.epoch, self.start_batch = self.epoch + 1, 0
+
+    def _memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
