@@ -117,7 +117,8 @@ class SecondOrderHead(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         x = tokens.transpose(1, 2)  # (B, D, N): a 1x1 conv over the token grid is a Conv1d over N
         q = cross_covariance(self.reduce1(x), self.reduce2(x))
-        return svpn(q, self.alpha, self.top_k, self.iters, init=self.svpn_init).flatten(1)
+        # SVPN computes in fp32; hand its result back in the tokens' dtype (bf16 weights under DeepSpeed)
+        return svpn(q, self.alpha, self.top_k, self.iters, init=self.svpn_init).to(x.dtype).flatten(1)
 
 
 class SoViT(nn.Module):

@@ -1,0 +1,1 @@
+"""Entry points: submit (SLURM via submitit, or local), train (one rank), evaluate, export."""
