@@ -1,0 +1,128 @@
+"""launchers/submit.py against a real SLURM: two nodes in network namespaces (slurm/local-cluster/start.sh --netns 2).
+
+Nothing is faked: slurmctld schedules, srun starts one rank per node, gloo talks over the namespaces' bridge, and
+the requeue test lets a real SLURM time limit send the warning signal. The cluster has no accounting, so job
+states come from `scontrol show job` (kept for MinJobAge=600 s), not from sacct / submitit's job.state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CLUSTER = ROOT / "slurm" / "local-cluster"
+pytestmark = pytest.mark.slurm
+
+# So-ViT-7 at 32 px on the 4-class test set: 48 train images over 2 ranks, micro-batch 4 -> 3 steps per epoch.
+TINY = ["--arch", "7", "--config", "demo", "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--cpus-per-task", "1",
+        "--interface", "sovit0",
+        "--set", "model.num_classes=4", "--set", "train.global_batch_size=8", "--set", "data.micro_batch_size=4",
+        "--set", "data.workers=1", "--set", "tracking.system_metrics=false", "--set", "train.eval_every_epochs=1000"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    if os.geteuid() != 0 or not all(shutil.which(b) for b in ("slurmctld", "slurmd", "munged", "ip", "nsenter")):
+        pytest.skip("needs root, slurm-wlm, munge and iproute2 (apt-get install slurm-wlm munge iproute2)")
+    state = tmp_path_factory.mktemp("slurm-state")
+    env = {**os.environ, "SOVIT_SLURM_DIR": str(state)}
+    out = subprocess.run([CLUSTER / "start.sh", "--netns", "2"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env["SLURM_CONF"] = re.search(r"SLURM_CONF=(\S+)", out.stdout).group(1)
+    yield env
+    subprocess.run([CLUSTER / "stop.sh"], env=env, capture_output=True, timeout=120)
+
+
+def submit(env: dict, workdir: Path, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "launchers" / "submit.py"), *args], cwd=workdir, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return re.search(r"submitted job (\d+)", r.stdout).group(1)
+
+
+def job_info(env: dict, job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(predicate, timeout: float, what: str, env: dict, job: str, logs: Path):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        state = job_info(env, job).get("JobState")
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(1)
+    tails = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(logs.rglob("*_log.*")))
+    pytest.fail(f"{what}: not reached (job {job}: {job_info(env, job)})\n{tails}")
+
+
+def mlflow_runs(db: Path, experiment: str):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_two_nodes_train_one_run(cluster, synthetic_betons, tmp_path):
+    data = synthetic_betons["train"].parent
+    args = [*TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs", "--time", "10",
+            "--set", "train.max_steps=4", "--set", "tracking.experiment=two-nodes"]
+    dry = subprocess.run([sys.executable, str(ROOT / "launchers" / "submit.py"), *args, "--dry-run"], cwd=tmp_path,
+                         env=cluster, capture_output=True, text=True, timeout=120)
+    job = submit(cluster, tmp_path, *args)
+    info = lambda: job_info(cluster, job)
+    wait_for(lambda: info().get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, tmp_path / "logs")
+
+    # what was submitted is exactly what --dry-run printed
+    submitted = (tmp_path / "logs" / job / f"{job}_submission.sh").read_text()
+    assert submitted.strip() in dry.stdout
+    assert info()["NumNodes"] == "2" and info()["NodeList"] == "node[1-2]"
+    logs = {t: (tmp_path / "logs" / job / f"{job}_{t}_log.out").read_text() for t in (0, 1)}
+    assert "starting: sovit_7, 2 rank(s) on cpu (gloo)" in logs[0]
+    run = tmp_path / "run"
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["status"] == "FINISHED" and final["step"] == 4 and final["world_size"] == 2
+    assert (run / "latest").is_file()
+    _, runs = mlflow_runs(tmp_path / "mlflow.db", "two-nodes")
+    assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["slurm_job_id"] == job
+
+
+def test_time_limit_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, synthetic_betons, tmp_path):
+    """A real time limit: once training has saved a checkpoint the test cuts the job's limit to 1 minute; SLURM
+    sends USR1, every rank saves, submitit requeues; the test then gives the requeued job time to finish."""
+    data = synthetic_betons["train"].parent
+    steps = 150
+    job = submit(cluster, tmp_path, *TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs",
+                 "--time", "10", "--signal", "USR1@5", "--set", f"train.max_steps={steps}",
+                 "--set", "checkpoint.every_steps=5", "--set", "train.log_every_steps=5",
+                 "--set", "tracking.experiment=requeue")
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    wait_for(lambda: (run / "latest").is_file(), 240, "a first checkpoint", cluster, job, logs)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], env=cluster, check=True)
+    wait_for(lambda: int(job_info(cluster, job).get("Restarts", 0)) >= 1, 150, "a requeue", cluster, job, logs)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], env=cluster, check=True)
+    wait_for(lambda: job_info(cluster, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, logs)
+
+    log0 = (logs / job / f"{job}_0_log.out").read_text()
+    resumed_at = int(re.search(r"resuming at step (\d+)", log0).group(1))
+    assert 5 <= resumed_at < steps, log0[-2000:]
+    assert "Requeued job" in (logs / job / f"{job}_0_log.err").read_text()
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["status"] == "FINISHED" and final["step"] == steps
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", "requeue")
+    assert len(runs) == 1, [r.info.run_id for r in runs]  # the requeued job appended to the same run
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert sorted(logged) == list(range(5, steps + 1, 5)), logged  # continuous: every step once, none lost
