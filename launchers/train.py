@@ -93,7 +93,8 @@ def run(cfg: RunConfig) -> dict:
         checkpoint.set_rng_state(rank_state["rng"])
         if rank_state.get("loader") is not None:
             train_loader.load_state_dict(rank_state["loader"])
-    tracker = tracking.start(cfg, rank, run_id=state["mlflow_run_id"], world_size=world)
+    tracker = tracking.start(cfg, rank, run_id=state["mlflow_run_id"], world_size=world,
+                             jsonl=run_dir / "metrics.jsonl")
     state["mlflow_run_id"] = tracker.run_id
     if info.is_main:
         print(f"{'resuming at step ' + str(state['step']) if resumed else 'starting'}: {cfg.model.arch}, {world} "

@@ -196,6 +196,11 @@ class RunConfig:
         _check(bool(self.checkpoint.run_dir), "checkpoint.run_dir", self.checkpoint.run_dir, "a directory path")
         _check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
                f"a multiple of data.micro_batch_size={d.micro_batch_size}")
+        _check(not (self.ema.enabled and t.zero_stage == 3), "ema.enabled", self.ema.enabled,
+               "false with train.zero_stage=3 (ZeRO-3 partitions the parameters the EMA copies; use stage <= 2)")
+        mixing = (self.mixup.mixup > 0 or self.mixup.cutmix > 0) and self.mixup.prob > 0
+        _check(not (mixing and d.micro_batch_size % 2), "data.micro_batch_size", d.micro_batch_size,
+               "an even number while mixup/cutmix is on (timm's Mixup pairs each batch with its flip)")
         if world_size is not None:
             per_step = d.micro_batch_size * world_size
             _check(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,

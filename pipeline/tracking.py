@@ -13,6 +13,7 @@ the working directory, which ``mlflow ui`` (run from the same directory, no argu
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import socket
@@ -44,6 +45,29 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+
+class JsonlTracker(Tracker):
+    """Appends every metrics record to ``run_dir/metrics.jsonl`` (rank 0): readable with no server at all, and
+    it survives requeues, since a resumed run appends to the same file."""
+
+    def __init__(self, path: Path, inner: Tracker):
+        self.path, self.inner = path, inner
+
+    @property
+    def run_id(self) -> str | None:
+        return self.inner.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        self.inner.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self.inner.log_artifact(path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.inner.finish(status)
 
 
 class MlflowTracker(Tracker):
@@ -192,9 +216,13 @@ def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
 
 
 def start(cfg: RunConfig, rank: int, run_id: str | None = None, tags: dict[str, str] | None = None,
-          world_size: int = 1) -> Tracker:
-    if rank != 0 or not cfg.tracking.enabled:
+          world_size: int = 1, jsonl: Path | None = None) -> Tracker:
+    """Rank 0's tracker: MLflow (unless disabled), plus a local ``jsonl`` file when given. Others: no-op."""
+    if rank != 0:
         return Tracker()
-    all_tags = {**default_tags(cfg, world_size), **(tags or {})}
-    return MlflowTracker(tracking_uri(cfg), cfg.tracking.experiment, cfg.tracking.run_name, run_id, cfg.flat(),
-                         all_tags, cfg.tracking.system_metrics)
+    tracker = Tracker()
+    if cfg.tracking.enabled:
+        all_tags = {**default_tags(cfg, world_size), **(tags or {})}
+        tracker = MlflowTracker(tracking_uri(cfg), cfg.tracking.experiment, cfg.tracking.run_name, run_id,
+                                cfg.flat(), all_tags, cfg.tracking.system_metrics)
+    return JsonlTracker(jsonl, tracker) if jsonl is not None else tracker
