@@ -466,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.local:
         t0 = time.time()
         metrics = run_local(plan)
-        top1 = metrics.get("val/top1", metrics.get("top1"))
+        top1 = metrics.get("val_top1")
         print(f"done in {time.time() - t0:.0f} s on {plan.world_size} local ranks: top-1 {top1}")
         print(f"run dir {cfg.checkpoint.run_dir}\nwatch: {_watch_hints(cfg)}")
         return 0
