@@ -467,7 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         metrics = run_local(plan)
         top1 = metrics.get("val_top1")
-        print(f"done in {time.time() - t0:.0f} s on {plan.world_size} local ranks: top-1 {top1}")
+        print(f"done in {time.time() - t0:.0f} s on {plan.world_size} local ranks: validation top-1 "
+              + (f"{top1:.2f}%" if top1 is not None else "not evaluated"))
         print(f"run dir {cfg.checkpoint.run_dir}\nwatch: {_watch_hints(cfg)}")
         return 0
     job = submit(args, plan)
