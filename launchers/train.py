@@ -103,6 +103,7 @@ def run(cfg: RunConfig) -> dict:
               f"{cfg.data.micro_batch_size} x {world} ranks x {accum} accumulation, run dir {run_dir}", flush=True)
 
     def save() -> None:
+        state["mlflow_run_id"] = tracker.run_id  # created late if the server was down at start
         client = {"train_state": dict(state), "ema": ema.state_dict() if ema is not None else None}
         loader_state = train_loader.state_dict() if hasattr(train_loader, "state_dict") else None
         checkpoint.save(ds_engine, run_dir, state["step"], client, {"rng": checkpoint.rng_state(),

@@ -27,6 +27,7 @@ from typing import Any
 from .config import RunConfig
 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls home from training jobs
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent

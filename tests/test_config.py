@@ -1,0 +1,76 @@
+"""The RunConfig: every shipped config loads, overrides apply, and each mistake is one clear line."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_override
+
+
+@pytest.mark.parametrize("arch", [7, 10, 14, 19])
+def test_arch_configs_load_with_the_authors_recipe(arch):
+    cfg = load_config([f"arch/sovit_{arch}"], world_size=32)
+    assert cfg.model.arch == f"sovit_{arch}" and cfg.model.img_size == 224
+    assert cfg.optim.weight_decay == (0.03 if arch in (7, 10) else 0.05)
+    assert cfg.schedule.epochs == 300 and cfg.schedule.cooldown_epochs == 10 and cfg.ema.decay == 0.99996
+    assert cfg.data.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.crop_pct == 0.875
+
+
+def test_demo_config_loads():
+    cfg = load_config(["demo"], world_size=2)
+    assert cfg.model.num_classes == 10 and cfg.data.loader == "ffcv"
+
+
+def test_overrides_apply_in_order():
+    cfg = load_config(["arch/sovit_7"], ["optim.lr=5e-4", "data.scale=[0.2, 1.0]", "optim.clip_grad=null",
+                                         "train.zero_stage=2", "optim.clip_grad=1.5"])
+    assert cfg.optim.lr == 5e-4 and cfg.data.scale == (0.2, 1.0) and cfg.train.zero_stage == 2
+    assert cfg.optim.clip_grad == 1.5
+    assert parse_override("a.b.c=x") == {"a": {"b": {"c": "x"}}}
+
+
+BAD = [
+    ([], ["modle.arch=sovit_7"], "unknown config key 'modle'"),
+    ([], ["model.depth=12"], "unknown config key 'model.depth'"),
+    ([], ["optim.lr=fast"], "optim.lr='fast' is invalid: expected float"),
+    ([], ["train.zero_stage=4"], "train.zero_stage=4 is invalid: expected one of 0, 1, 2, 3"),
+    ([], ["train.precision=fp8"], "train.precision='fp8' is invalid"),
+    ([], ["model.arch=sovit_8"], "model.arch='sovit_8' is invalid"),
+    ([], ["optim.lr=-1"], "optim.lr=-1.0 is invalid: expected a positive number"),
+    ([], ["model.img_size=100", "data.img_size=100"], "model.img_size=100 is invalid: expected a multiple of 8"),
+    ([], ["data.img_size=160"], "data.img_size=160 is invalid: expected equal to model.img_size (224)"),
+    ([], ["schedule.warmup_epochs=300"], "schedule.warmup_epochs=300 is invalid"),
+    ([], ["data.hflip=1.5"], "data.hflip=1.5 is invalid: expected a probability"),
+    ([], ["data.scale=[0.5]"], "data.scale=[0.5] is invalid: expected a list of 2 values"),
+    ([], ["train.zero_stage=3"], "ema.enabled=True is invalid: expected false with train.zero_stage=3"),
+    ([], ["data.micro_batch_size=7", "train.global_batch_size=14"],
+     "data.micro_batch_size=7 is invalid: expected an even"),
+    ([], ["train.global_batch_size=100", "data.micro_batch_size=32"], "train.global_batch_size=100 is invalid"),
+    (["nope.yaml"], [], "config file 'nope.yaml' not found"),
+    ([], ["optim.lr"], "override 'optim.lr' is invalid: expected section.key=value"),
+]
+
+
+@pytest.mark.parametrize(("files", "sets", "message"), BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_configs_are_one_clear_line(files, sets, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(files, sets)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_global_batch_must_divide_by_world_size():
+    with pytest.raises(ConfigError, match=r"micro_batch_size x world size = 32 x 3 = 96"):
+        load_config(["arch/sovit_7"], world_size=3)
+
+
+def test_yaml_errors(tmp_path):
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config([tmp_path / "list.yaml"])
+    (tmp_path / "a.yaml").write_text("defaults: [b.yaml]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="includes itself"):
+        load_config([tmp_path / "a.yaml"])
+    (tmp_path / "broken.yaml").write_text("model: {arch: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config([tmp_path / "broken.yaml"])
