@@ -3,6 +3,7 @@ fallback; export of the result loads in timm."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,3 +85,9 @@ def test_sigkill_and_resume_is_bitwise_exact_then_corrupt_newest_falls_back(synt
     m = timm.create_model("sovit_7", pretrained=True, num_classes=4, img_size=32,
                           pretrained_cfg_overlay={"file": str(tmp_path / "m.safetensors"), "num_classes": 4})
     assert torch.equal(m.head.weight, a["head.weight"])
+
+    # evaluate.py on the run directory reproduces the training loop's own final evaluation
+    out = subprocess.run([sys.executable, str(TRAIN.with_name("evaluate.py")), "--checkpoint", str(straight),
+                          "--data", str(synthetic_root / "val")], capture_output=True, text=True, timeout=300)
+    final = json.loads((straight / "final_metrics.json").read_text())
+    assert f"top-1 {final['val_top1']:.2f}" in out.stdout, out.stderr[-2000:]
