@@ -78,21 +78,28 @@ def run(cfg: RunConfig) -> dict:
                               head=cfg.model.head).to(device)
     flops = forward_flops(model, cfg.model.img_size)
     ema = ModelEmaV3(model, decay=cfg.ema.decay, device=device, dtype=torch.float32) if cfg.ema.enabled else None
-    ds_engine, scheduler = engine.build_engine(cfg, model, world, updates_per_epoch)
+    elastic = checkpoint.prepare_elastic(run_dir, world, rank)  # before the engine: DeepSpeed reads it at init
+    ds_engine, scheduler = engine.build_engine(cfg, model, world, updates_per_epoch, load_universal=elastic)
     dtype = engine.DTYPES[cfg.train.precision]
     mixup = engine.build_mixup(cfg)
     criterion = engine.build_criterion(cfg, mixup)
 
-    state = {"epoch": 0, "batch": 0, "step": 0, "best_top1": None, "mlflow_run_id": None}
+    state = {"epoch": 0, "batch": 0, "step": 0, "accum": accum, "best_top1": None, "mlflow_run_id": None}
     resumed = checkpoint.resume(ds_engine, run_dir, rank)
     if resumed:
         client, rank_state = resumed
         state.update(client["train_state"])
         if ema is not None:
             ema.load_state_dict(client["ema"])
-        checkpoint.set_rng_state(rank_state["rng"])
-        if rank_state.get("loader") is not None:
-            train_loader.load_state_dict(rank_state["loader"])
+        if rank_state is not None:
+            checkpoint.set_rng_state(rank_state["rng"])
+            if rank_state.get("loader") is not None:
+                train_loader.load_state_dict(rank_state["loader"])
+        else:  # elastic: another world size; the same optimizer steps of the epoch are done, in new micro-batches
+            state["batch"] = state["batch"] // state.get("accum", accum) * accum
+            state["accum"] = accum
+            torch.manual_seed(cfg.train.seed + rank + state["step"])
+            np.random.seed(cfg.train.seed + rank + state["step"])
     tracker = tracking.start(cfg, rank, run_id=state["mlflow_run_id"], world_size=world,
                              jsonl=run_dir / "metrics.jsonl")
     state["mlflow_run_id"] = tracker.run_id

@@ -23,7 +23,7 @@ from .config import RunConfig
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False) -> dict[str, Any]:
     t = cfg.train
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
@@ -33,6 +33,8 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming on another world size (see checkpoint.prepare_elastic)
+        ds["checkpoint"] = {"load_universal": True}
     if cfg.optim.clip_grad is not None:
         ds["gradient_clipping"] = cfg.optim.clip_grad
     if t.precision == "bf16":
@@ -43,13 +45,14 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, updates_per_epoch: int):
+def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, updates_per_epoch: int,
+                 load_universal: bool = False):
     """Wrap ``model`` in a DeepSpeed engine with AdamW (no decay on norms, biases, tokens) and the cosine schedule."""
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.scaled_lr(), betas=cfg.optim.betas, eps=cfg.optim.eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      config=deepspeed_config(cfg, world_size))
+                                      config=deepspeed_config(cfg, world_size, load_universal))
     dtype = DTYPES[cfg.train.precision]
     for buf in engine.module.buffers():  # DeepSpeed casts parameters only: BN statistics must follow them
         if buf.is_floating_point():
