@@ -12,13 +12,23 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 
 from .base import Split, check_num_classes, num_batches, rank_indices, split_path
 from .folders import find_classes, list_samples
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kw) -> Image.Image:
+    """timm's RandAugment 'inc1' posterize keeps 0 bits at magnitude 10 (a black image, as in TF/UDA); Pillow 13
+    rejects bits=0 with a ValueError, which killed DeiT training mid-epoch. Keep the old meaning for that case."""
+    return Image.new(img.mode, img.size) if bits_to_keep < 1 else auto_augment.posterize(img, bits_to_keep, **kw)
+
+
+auto_augment.NAME_TO_OP.update({k: _posterize for k, op in auto_augment.NAME_TO_OP.items()
+                                if op is auto_augment.posterize})
 
 
 class _SeededFolder(Dataset):
