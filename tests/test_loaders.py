@@ -152,3 +152,16 @@ def test_ffcv_cpu_pipeline_order_does_not_hang(synthetic_betons):
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
     assert "ok (4, 3, 32, 32)" in out.stdout, out.stderr[-2000:]
+
+
+def test_randaugment_posterize_at_full_magnitude_is_black_not_an_error():
+    """timm's 'inc1' posterize keeps 0 bits at magnitude 10; Pillow 13 rejects that, which killed training."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import auto_augment
+
+    import data_loaders.torchvision_loader  # noqa: F401  (installs the fix)
+
+    op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
+    out = op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)))
+    assert np.asarray(out).max() == 0
