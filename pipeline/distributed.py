@@ -35,6 +35,7 @@ def export_env() -> None:
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) >= 1:
         from submitit.helpers import TorchDistributedEnvironment
 
+        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # under a plain srun submitit cannot tell by itself
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return
     with socket.socket() as s:  # a lone process: a private rendezvous on a free local port
