@@ -86,7 +86,8 @@ class MlflowTracker(Tracker):
         self._monitor = None
         self._queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
         self._warned, self._started = False, False
-        self._ensure_run()  # one synchronous try, so the run id can go into the first checkpoint
+        if not self._ensure_run():  # one synchronous try, so the run id can go into the first checkpoint
+            self._put(("start",))  # otherwise the thread keeps trying even before the first metric arrives
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._thread.start()
 
