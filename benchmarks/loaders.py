@@ -64,10 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = generate(Path(tmp) / "data", classes=10, per_class=a.images // 10, size=432, val_per_class=1)
         betons = {}
-        for side in (256, 512):
-            betons[side] = Path(tmp) / f"train_{side}.beton"
-            convert(root / "train", betons[side], options=ConvertOptions(max_resolution=side, workers=a.workers),
-                    progress=False)
+        for side, mode in ((256, "jpg"), (512, "jpg"), (256, "proportion"), (256, "raw")):
+            betons[side, mode] = Path(tmp) / f"train_{side}_{mode}.beton"
+            convert(root / "train", betons[side, mode], progress=False,
+                    options=ConvertOptions(max_resolution=side, write_mode=mode, workers=a.workers))
         plain = {"micro_batch_size": a.batch, "workers": a.workers, "img_size": a.size, "auto_augment": None,
                  "reprob": 0.0, "color_jitter": 0.0}
         folder = str(root / "train")
@@ -76,8 +76,11 @@ def main() -> None:
             ("torchvision + full DeiT augmentation", DataConfig(loader="torchvision", train=folder,
                                                                 micro_batch_size=a.batch, workers=a.workers,
                                                                 img_size=a.size)),
-            ("FFCV .beton, max side 256", DataConfig(loader="ffcv", train=str(betons[256]), **plain)),
-            ("FFCV .beton, max side 512", DataConfig(loader="ffcv", train=str(betons[512]), **plain)),
+            ("FFCV .beton jpg, max side 256", DataConfig(loader="ffcv", train=str(betons[256, "jpg"]), **plain)),
+            ("FFCV .beton jpg, max side 512", DataConfig(loader="ffcv", train=str(betons[512, "jpg"]), **plain)),
+            ("FFCV .beton proportion 0.5, max side 256",
+             DataConfig(loader="ffcv", train=str(betons[256, "proportion"]), **plain)),
+            ("FFCV .beton raw, max side 256", DataConfig(loader="ffcv", train=str(betons[256, "raw"]), **plain)),
             ("DALI (CPU decoding)", DataConfig(loader="dali", train=folder, **plain)),
         ]
         results = [(name, timed_epoch(cfg)) for name, cfg in rows]
@@ -85,9 +88,9 @@ def main() -> None:
     base = results[0][1]
     print(f"{a.images} images 432x432, batch {a.batch}, "
           f"{a.workers} workers, crop {a.size}, {torch.get_num_threads()} torch threads")
-    print(f"{'loader':<40} {'img/s':>8} {'vs torchvision':>15}")
+    print(f"{'loader':<44} {'img/s':>8} {'vs torchvision':>15}")
     for name, ips in [*results, ("decode ceiling (libjpeg-turbo via OpenCV)", ceiling)]:
-        print(f"{name:<40} {ips:>8.0f} {ips / base:>14.2f}x")
+        print(f"{name:<44} {ips:>8.0f} {ips / base:>14.2f}x")
 
 
 if __name__ == "__main__":
