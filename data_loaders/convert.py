@@ -43,7 +43,7 @@ class ConvertOptions:
     compress_probability: float = 0.5
     jpeg_quality: int = 90
     chunk_size: int = 100
-    workers: int = max(1, os.cpu_count() or 1)
+    workers: int = len(os.sched_getaffinity(0))  # the cores this process may use
     limit_per_class: int | None = None
 
     def check(self) -> None:

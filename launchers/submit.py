@@ -343,7 +343,7 @@ def ensure_demo_data(cfg: RunConfig) -> None:
         generate(root.parent / f".{root.name}.tmp", classes=cfg.model.num_classes, per_class=DEMO_PER_CLASS,
                  size=DEMO_IMAGE_SIZE, val_per_class=DEMO_VAL_PER_CLASS, seed=0).rename(root)
     if cfg.data.loader == "ffcv":
-        opts = ConvertOptions(max_resolution=DEMO_IMAGE_SIZE, workers=max(1, os.cpu_count() or 1))
+        opts = ConvertOptions(max_resolution=DEMO_IMAGE_SIZE, workers=len(os.sched_getaffinity(0)))
         print(f"demo: converting to {root}/train.beton and val.beton ...", flush=True)
         convert(root / "train", root / "train.beton", options=opts, progress=False)
         convert(root / "val", root / "val.beton", classes_from=sidecar_path(root / "train.beton"), options=opts,
@@ -360,10 +360,12 @@ def run_local(plan: Plan) -> dict:
     """All ranks as local processes through torch's elastic launcher (what torchrun does), rank 0's metrics back."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    from pipeline.distributed import cpu_threads
+
     if plan.demo:
         ensure_demo_data(plan.cfg)
     n = plan.ranks_per_node
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads(n)))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

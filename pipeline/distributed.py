@@ -45,6 +45,17 @@ def export_env() -> None:
                       MASTER_PORT=str(port))
 
 
+def cpu_threads(local_world: int) -> int:
+    """Intra-op threads for one CPU rank: OMP_NUM_THREADS if the user or launcher set it, else SLURM's
+    cpus-per-task, else this process's usable cores shared by the ranks on the node. More threads than cores
+    is not a little slower but many times slower: idle OpenMP threads spin while the other rank needs the core.
+    """
+    for var in ("OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK"):
+        if os.environ.get(var, "").isdigit() and int(os.environ[var]) > 0:
+            return int(os.environ[var])
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world))
+
+
 def init() -> DistInfo:
     export_env()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -56,8 +67,7 @@ def init() -> DistInfo:
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
-        # ranks share the cores: oversubscribed BLAS threads make every rank slower than one thread each
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(cpu_threads(local_world))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,15 +34,25 @@ def overrides(root: Path, run_dir: Path, max_steps: int) -> list[str]:
 
 
 def train(root: Path, run_dir: Path, max_steps: int, **popen) -> subprocess.Popen:
+    """Output goes to a file next to the run, not a pipe: an unread pipe fills up and stalls the trainer."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(TRAIN), *overrides(root, run_dir, max_steps)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=run_dir.parent, prefix=f"{run_dir.name}-", suffix=".log",
+                                     delete=False) as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, str(TRAIN), *overrides(root, run_dir, max_steps)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+    proc.log = Path(log.name)
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()
 
 
 def finish(proc: subprocess.Popen, timeout: int = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
+    proc.wait(timeout=timeout)
+    assert proc.returncode == 0, output(proc)[-3000:]
+    return output(proc)
 
 
 def weights(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
@@ -59,6 +70,7 @@ def test_sigkill_and_resume_is_bitwise_exact_then_corrupt_newest_falls_back(synt
         time.sleep(0.02)
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
+    assert (killed / "latest").exists(), f"no checkpoint within 240 s:\n{output(victim)[-3000:]}"
     stopped_at = (killed / "latest").read_text()
     assert stopped_at in ("step_00000003", "step_00000006"), stopped_at
     finish(ref)
