@@ -82,13 +82,14 @@ def test_rank_environment_from_a_plain_srun_task(monkeypatch):
     """No torchrun, no submitit pickle: SLURM's own variables must become torch.distributed's."""
     from pipeline.distributed import export_env
 
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
-        monkeypatch.delenv(k, raising=False)
     slurm = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "node[1-2]",
              "SLURM_LOCALID": "1", "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "2",
              "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_TASKS_PER_NODE": "2(x2)"}
-    for k, v in slurm.items():
-        monkeypatch.setenv(k, v)
+    # export_env writes RANK, MASTER_ADDR, ... into os.environ: give it a private copy, or every later test's
+    # subprocess inherits rank 3 of 4 and waits forever for a rendezvous at node1
+    rank_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                 "SUBMITIT_EXECUTOR")
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items() if k not in rank_vars} | slurm)
     export_env()
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("3", "1", "4")
     assert os.environ["MASTER_ADDR"] == "node1" and int(os.environ["MASTER_PORT"]) > 1024
