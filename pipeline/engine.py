@@ -32,11 +32,11 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         "zero_optimization": {"stage": t.zero_stage},
         "steps_per_print": 10**9,  # we log ourselves
         "wall_clock_breakdown": False,
+        # DeepSpeed clips at 1.0 unless told otherwise; the DeiT recipe does not clip (optim.clip_grad: null)
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
     }
     if load_universal:  # resuming on another world size (see checkpoint.prepare_elastic)
         ds["checkpoint"] = {"load_universal": True}
-    if cfg.optim.clip_grad is not None:
-        ds["gradient_clipping"] = cfg.optim.clip_grad
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
@@ -53,6 +53,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, update
     optimizer = torch.optim.AdamW(groups, lr=cfg.scaled_lr(), betas=cfg.optim.betas, eps=cfg.optim.eps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                       config=deepspeed_config(cfg, world_size, load_universal))
+    if world_size == 1 and cfg.train.zero_stage == 0:
+        engine.enable_backward_allreduce = False  # one rank has nothing to average: skip flatten + copy per step
     dtype = DTYPES[cfg.train.precision]
     for buf in engine.module.buffers():  # DeepSpeed casts parameters only: BN statistics must follow them
         if buf.is_floating_point():

@@ -67,3 +67,5 @@ def test_deepspeed_config_is_generated_from_the_run_config():
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
     assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and ds["gradient_clipping"] == 1.0
     assert cfg.scaled_lr() == pytest.approx(2e-3)  # 1e-3 at 512, linear scaling to 1024
+    # no clip_grad means no clipping: DeepSpeed's own default would silently clip at 1.0
+    assert deepspeed_config(load_config(["arch/sovit_7"], world_size=1), 1)["gradient_clipping"] == 0.0
