@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def _start_server(db, port: int) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{db}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--default-artifact-root", str(db.parent / "artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
     deadline = time.time() + 90
     while time.time() < deadline:
@@ -36,8 +37,15 @@ def _start_server(db, port: int) -> subprocess.Popen:
             return proc
         except OSError:
             time.sleep(0.3)
-    proc.kill()
+    _kill(proc)
     raise RuntimeError("mlflow server did not come up")
+
+
+def _kill(server: subprocess.Popen) -> None:
+    """The whole server: `mlflow server` is only a parent of uvicorn and the job consumers, which would otherwise
+    keep serving the port (no outage at all) and outlive the test."""
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 @pytest.fixture
@@ -45,8 +53,8 @@ def mlflow_server(tmp_path):
     port = _free_port()
     proc = _start_server(tmp_path / "mlflow.db", port)
     yield f"http://127.0.0.1:{port}", proc, tmp_path / "mlflow.db", port
-    proc.kill()
-    proc.wait()
+    if proc.returncode is None:
+        _kill(proc)
 
 
 def _cfg(uri: str):
@@ -93,8 +101,9 @@ def test_server_dying_mid_run_never_blocks_training(mlflow_server):
     t = tracking.start(_cfg(uri), rank=0)
     t.log_metrics({"train/loss": 1.0}, step=1)
     time.sleep(1)
-    proc.kill()
-    proc.wait()
+    _kill(proc)
+    with pytest.raises(OSError):  # a real outage: nothing answers on the port any more
+        urllib.request.urlopen(f"{uri}/health", timeout=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t0 = time.time()
@@ -111,8 +120,9 @@ def test_server_dying_mid_run_never_blocks_training(mlflow_server):
 def test_server_back_after_outage_receives_the_queued_metrics(mlflow_server):
     uri, proc, db, port = mlflow_server
     t = tracking.start(_cfg(uri), rank=0)
-    proc.kill()
-    proc.wait()
+    _kill(proc)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{uri}/health", timeout=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(1, 6):
@@ -123,8 +133,7 @@ def test_server_back_after_outage_receives_the_queued_metrics(mlflow_server):
             t.finish(timeout=60)
             steps = [m.step for m in MlflowClient(uri).get_metric_history(t.run_id, "train/loss")]
         finally:
-            server.kill()
-            server.wait()
+            _kill(server)
     assert steps == [1, 2, 3, 4, 5]
 
 
