@@ -1,10 +1,12 @@
 """Cost of the DeepSpeed engine on the CPU: images/s of an engine step vs a plain PyTorch step (same model, batch,
-precision; target overhead <= 5%), and per-rank bytes of parameters and optimizer state at ZeRO 0-3 on 2 ranks.
+precision; target overhead <= 5%), and per-rank bytes of parameters, gradients and optimizer state at ZeRO 0-3
+on 2 ranks.
 
     python benchmarks/train_step.py [--batch 16 --img-size 32 --steps 20]
 
-The memory table is measured, not estimated: the bytes of this rank's parameter storage (ZeRO-3: its partition)
-and of the tensors in its optimizer state (ZeRO 1/2: the fp32 partition it owns). It runs in a 2-rank torchrun
+The memory table is measured, not estimated: the bytes of this rank's parameter storage (ZeRO-3: its partition),
+of the gradients it holds after backward (ZeRO 1-3: its reduced partition) and of the tensors in its optimizer
+state (ZeRO 1/2: with the fp32 partition it owns). It runs in a 2-rank torchrun
 started by this script.
 """
 
@@ -80,6 +82,18 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
+def gradient_bytes(eng) -> int:
+    """Bytes of the gradient storage this rank holds once backward has reduced: the full ``.grad`` tensors
+    (ZeRO-0), or ZeRO's partition (``averaged_gradients``, at stage 3 views into one flat buffer: each storage is
+    counted once)."""
+    averaged = getattr(eng.optimizer, "averaged_gradients", None) or {}
+    tensors = [p.grad for p in eng.module.parameters()]
+    tensors += [t for v in averaged.values() for t in (v if isinstance(v, list) else [v])]
+    tensors.append(getattr(eng.optimizer, "grad_partitions_flat_buffer", None))
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if torch.is_tensor(t)}
+    return sum(storages.values())
+
+
 def memory_worker(args) -> None:
     info = distributed.init()
     rows = {}
@@ -89,13 +103,15 @@ def memory_worker(args) -> None:
         eng, _ = engine.build_engine(cfg, timm.create_model("sovit_7", num_classes=10, img_size=args.img_size),
                                      info.world_size, 100)
         x, y = torch.randn(2, 3, args.img_size, args.img_size), torch.randint(0, 10, (2,))
-        engine.train_micro_step(eng, engine.build_criterion(cfg, None), None, x, y, torch.float32, 0)
+        eng.backward(engine.build_criterion(cfg, None)(eng(x), y))
+        grads = gradient_bytes(eng)  # after backward, before the step frees them
+        eng.step()
         params = tensor_bytes(getattr(p, "ds_tensor", p) for p in eng.module.parameters())
         base = getattr(eng.optimizer, "optimizer", eng.optimizer)  # ZeRO wraps the torch optimizer
         optim = tensor_bytes(v for s in base.state.values() for v in s.values())
         if stage in (1, 2):  # ZeRO 1/2 keep an fp32 master copy of the owned partition beside the Adam moments
             optim += tensor_bytes(getattr(eng.optimizer, "single_partition_of_fp32_groups", []))
-        rows[stage] = {"params": params, "optim": optim}
+        rows[stage] = {"params": params, "grads": grads, "optim": optim}
         del eng
     if info.rank == 0:
         print("RESULT " + json.dumps(rows), flush=True)
@@ -113,11 +129,15 @@ def memory(args) -> None:
     if line is None:
         raise SystemExit(f"the 2-rank memory run failed:\n{out.stderr[-3000:]}")
     rows = {int(k): v for k, v in json.loads(line.removeprefix("RESULT ")).items()}
-    print("\nper-rank bytes on 2 ranks (fp32, AdamW)   params        optimizer state   vs ZeRO-0")
+    print(f"\n{'per-rank MiB, 2 ranks, fp32 AdamW':<34} {'params':>8} {'grads':>8} {'optim':>8} {'total':>8}   "
+          "vs ZeRO-0: params grads optim total")
+    base = rows[0]
     for stage, r in rows.items():
-        print(f"ZeRO-{stage}                                    {r['params'] / 2**20:7.2f} MiB   "
-              f"{r['optim'] / 2**20:7.2f} MiB        params {r['params'] / rows[0]['params']:.2f}  "
-              f"optim {r['optim'] / rows[0]['optim']:.2f}")
+        r["total"] = r["params"] + r["grads"] + r["optim"]
+        base["total"] = base["params"] + base["grads"] + base["optim"]
+        mib = " ".join(f"{r[k] / 2**20:8.2f}" for k in ("params", "grads", "optim", "total"))
+        rel = " ".join(f"{r[k] / base[k]:5.2f}" for k in ("params", "grads", "optim", "total"))
+        print(f"{'ZeRO-' + str(stage):<34} {mib}              {rel}")
 
 
 if __name__ == "__main__":
