@@ -119,13 +119,40 @@ def test_time_limit_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, syn
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"], env=cluster, check=True)
     wait_for(lambda: job_info(cluster, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, logs)
 
-    log0 = (logs / job / f"{job}_0_log.out").read_text()
+    assert_saved_requeued_and_resumed_into_one_run(tmp_path, job, "requeue", steps)
+
+
+def test_preemption_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, synthetic_betons, tmp_path):
+    """A real preemption: an exclusive job in the higher-tier 'urgent' partition takes both nodes. SLURM sends
+    the job's --signal (preempt_send_user_signal), every rank saves, the job is requeued and resumes."""
+    data = synthetic_betons["train"].parent
+    steps = 200
+    job = submit(cluster, tmp_path, *TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs",
+                 "--time", "10", "--signal", "USR1@5", "--set", f"train.max_steps={steps}",
+                 "--set", "checkpoint.every_steps=5", "--set", "train.log_every_steps=5",
+                 "--set", "tracking.experiment=preempt")
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    wait_for(lambda: (run / "latest").is_file(), 240, "a first checkpoint", cluster, job, logs)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive",
+                             "--output", str(tmp_path / "urgent.out"), "--wrap", "sleep 10"],
+                            env=cluster, check=True, capture_output=True, text=True).stdout.strip()
+    requeued = lambda: (i := job_info(cluster, job)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1
+    wait_for(requeued, 150, "a requeue after preemption", cluster, job, logs)
+    wait_for(lambda: job_info(cluster, urgent).get("JobState") == "COMPLETED", 120, "the urgent job", cluster,
+             urgent, logs)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
+    wait_for(lambda: job_info(cluster, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, logs)
+    assert_saved_requeued_and_resumed_into_one_run(tmp_path, job, "preempt", steps)
+
+
+def assert_saved_requeued_and_resumed_into_one_run(tmp_path: Path, job: str, experiment: str, steps: int) -> None:
+    log0 = (tmp_path / "logs" / job / f"{job}_0_log.out").read_text()
     resumed_at = int(re.search(r"resuming at step (\d+)", log0).group(1))
     assert 5 <= resumed_at < steps, log0[-2000:]
     assert "Caught signal SIGUSR1" in log0 and "Requeued job" in log0
-    final = json.loads((run / "final_metrics.json").read_text())
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
     assert final["status"] == "FINISHED" and final["step"] == steps
-    client, runs = mlflow_runs(tmp_path / "mlflow.db", "requeue")
+    client, runs = mlflow_runs(tmp_path / "mlflow.db", experiment)
     assert len(runs) == 1, [r.info.run_id for r in runs]  # the requeued job appended to the same run
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(logged) == list(range(5, steps + 1, 5)), logged  # continuous: every step once, none lost
