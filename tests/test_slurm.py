@@ -104,14 +104,9 @@ def test_two_nodes_train_one_run(cluster, synthetic_betons, tmp_path):
 def test_time_limit_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, synthetic_betons, tmp_path):
     """A real time limit: once training has saved a checkpoint the test cuts the job's limit to 1 minute; SLURM
     sends USR1, every rank saves, submitit requeues; the test then gives the requeued job time to finish."""
-    data = synthetic_betons["train"].parent
-    steps = 200  # more than the first run can do in the <= 30 s SLURM takes to act on the new limit
-    job = submit(cluster, tmp_path, *TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs",
-                 "--time", "10", "--signal", "USR1@5", "--set", f"train.max_steps={steps}",
-                 "--set", "checkpoint.every_steps=5", "--set", "train.log_every_steps=5",
-                 "--set", "tracking.experiment=requeue")
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    wait_for(lambda: (run / "latest").is_file(), 240, "a first checkpoint", cluster, job, logs)
+    # ~4.5 steps/s here; the signal comes 30-60 s after the cut, so 200 steps could finish before it
+    steps = 400
+    job, logs = start_long_run(cluster, synthetic_betons, tmp_path, "requeue", steps)
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=1"], env=cluster, check=True)
     requeued = lambda: (i := job_info(cluster, job)).get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1
     wait_for(requeued, 150, "a requeue", cluster, job, logs)
@@ -119,20 +114,16 @@ def test_time_limit_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, syn
     subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10", "StartTime=now"], env=cluster, check=True)
     wait_for(lambda: job_info(cluster, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, logs)
 
+    log0 = (logs / job / f"{job}_0_log.out").read_text()
+    assert "resuming at step" in log0, f"no requeue: the job did all {steps} steps before its time limit"
     assert_saved_requeued_and_resumed_into_one_run(tmp_path, job, "requeue", steps)
 
 
 def test_preemption_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, synthetic_betons, tmp_path):
     """A real preemption: an exclusive job in the higher-tier 'urgent' partition takes both nodes. SLURM sends
     the job's --signal (preempt_send_user_signal), every rank saves, the job is requeued and resumes."""
-    data = synthetic_betons["train"].parent
-    steps = 200
-    job = submit(cluster, tmp_path, *TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs",
-                 "--time", "10", "--signal", "USR1@5", "--set", f"train.max_steps={steps}",
-                 "--set", "checkpoint.every_steps=5", "--set", "train.log_every_steps=5",
-                 "--set", "tracking.experiment=preempt")
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    wait_for(lambda: (run / "latest").is_file(), 240, "a first checkpoint", cluster, job, logs)
+    steps = 100  # the preemption signal comes within seconds
+    job, logs = start_long_run(cluster, synthetic_betons, tmp_path, "preempt", steps)
     urgent = subprocess.run(["sbatch", "--parsable", "--partition", "urgent", "--nodes", "2", "--exclusive",
                              "--output", str(tmp_path / "urgent.out"), "--wrap", "sleep 10"],
                             env=cluster, check=True, capture_output=True, text=True).stdout.strip()
@@ -143,6 +134,18 @@ def test_preemption_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, syn
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=cluster, check=True)
     wait_for(lambda: job_info(cluster, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, logs)
     assert_saved_requeued_and_resumed_into_one_run(tmp_path, job, "preempt", steps)
+
+
+def start_long_run(cluster: dict, synthetic_betons: dict, tmp_path: Path, experiment: str,
+                   steps: int) -> tuple[str, Path]:
+    """Submit a 2-node run of ``steps`` steps that checkpoints every 5; return once its first checkpoint exists."""
+    job = submit(cluster, tmp_path, *TINY, "--data", str(synthetic_betons["train"].parent), "--run-dir", "run",
+                 "--log-dir", "logs", "--time", "10", "--signal", "USR1@5",
+                 "--set", f"train.max_steps={steps}", "--set", "checkpoint.every_steps=5",
+                 "--set", "train.log_every_steps=5", "--set", f"tracking.experiment={experiment}")
+    logs = tmp_path / "logs"
+    wait_for(lambda: (tmp_path / "run" / "latest").is_file(), 240, "a first checkpoint", cluster, job, logs)
+    return job, logs
 
 
 def assert_saved_requeued_and_resumed_into_one_run(tmp_path: Path, job: str, experiment: str, steps: int) -> None:
