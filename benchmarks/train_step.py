@@ -131,10 +131,10 @@ def memory(args) -> None:
     rows = {int(k): v for k, v in json.loads(line.removeprefix("RESULT ")).items()}
     print(f"\n{'per-rank MiB, 2 ranks, fp32 AdamW':<34} {'params':>8} {'grads':>8} {'optim':>8} {'total':>8}   "
           "vs ZeRO-0: params grads optim total")
+    for r in rows.values():
+        r["total"] = r["params"] + r["grads"] + r["optim"]
     base = rows[0]
     for stage, r in rows.items():
-        r["total"] = r["params"] + r["grads"] + r["optim"]
-        base["total"] = base["params"] + base["grads"] + base["optim"]
         mib = " ".join(f"{r[k] / 2**20:8.2f}" for k in ("params", "grads", "optim", "total"))
         rel = " ".join(f"{r[k] / base[k]:5.2f}" for k in ("params", "grads", "optim", "total"))
         print(f"{'ZeRO-' + str(stage):<34} {mib}              {rel}")

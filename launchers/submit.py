@@ -343,7 +343,7 @@ def ensure_demo_data(cfg: RunConfig) -> None:
         generate(root.parent / f".{root.name}.tmp", classes=cfg.model.num_classes, per_class=DEMO_PER_CLASS,
                  size=DEMO_IMAGE_SIZE, val_per_class=DEMO_VAL_PER_CLASS, seed=0).rename(root)
     if cfg.data.loader == "ffcv":
-        opts = ConvertOptions(max_resolution=DEMO_IMAGE_SIZE, workers=len(os.sched_getaffinity(0)))
+        opts = ConvertOptions(max_resolution=DEMO_IMAGE_SIZE)  # workers: the cores this process may use
         print(f"demo: converting to {root}/train.beton and val.beton ...", flush=True)
         convert(root / "train", root / "train.beton", options=opts, progress=False)
         convert(root / "val", root / "val.beton", classes_from=sidecar_path(root / "train.beton"), options=opts,

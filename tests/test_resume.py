@@ -36,7 +36,6 @@ def overrides(root: Path, run_dir: Path, max_steps: int) -> list[str]:
 def train(root: Path, run_dir: Path, max_steps: int, **popen) -> subprocess.Popen:
     """Output goes to a file next to the run, not a pipe: an unread pipe fills up and stalls the trainer."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=run_dir.parent, prefix=f"{run_dir.name}-", suffix=".log",
                                      delete=False) as log:  # the child keeps its own descriptor
         proc = subprocess.Popen([sys.executable, str(TRAIN), *overrides(root, run_dir, max_steps)], env=env,
