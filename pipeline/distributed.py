@@ -1,8 +1,14 @@
-"""Rank, world and device for this process, from torchrun, SLURM (srun or submitit) or nothing (one process).
+"""Rank, world and device for this process, from torchrun, SLURM (srun or submitit) or nothing (one process), and
+the few collectives the pipeline itself needs.
 
 ``deepspeed.init_distributed`` reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT but not SLURM's variables, so a
 SLURM task exports them first (submitit's TorchDistributedEnvironment does the parsing). The backend is chosen
 at run time: NCCL on CUDA devices, gloo on the CPU (with DeepSpeed's CPU accelerator).
+
+Collectives: NCCL rejects a CPU tensor ("No backend type associated with device type cpu") where gloo accepts it,
+so a test suite on gloo cannot see that bug. Every collective of this project's own code therefore goes through
+``all_reduce``/``broadcast_object``/``barrier`` below, which put the values on this rank's device themselves;
+``tests/test_collectives.py`` fails if any other module calls ``torch.distributed`` collectives directly.
 """
 
 from __future__ import annotations
@@ -12,6 +18,9 @@ import socket
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+
+_DEVICE = torch.device("cpu")  # this rank's device, set by init()
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,16 @@ def export_env() -> None:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # under a plain srun submitit cannot tell by itself
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return
-    with socket.socket() as s:  # a lone process: a private rendezvous on a free local port
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a lone process: a private rendezvous on a free loopback port (the c10d store then listens on 127.0.0.1 only)
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(free_port()))
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface (for a local rendezvous or a test server)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cpu_threads(local_world: int) -> int:
@@ -68,6 +82,8 @@ def init() -> DistInfo:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(cpu_threads(local_world))
+    global _DEVICE
+    _DEVICE = device
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
@@ -75,5 +91,49 @@ def init() -> DistInfo:
 
 
 def shutdown() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def device() -> torch.device:
+    """This rank's device: where every tensor handed to a collective must live."""
+    return _DEVICE
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce(values: torch.Tensor | list[float], op: str = "sum") -> torch.Tensor:
+    """Reduce ``values`` over all ranks ("sum", "min" or "max") and return them on this rank's device.
+
+    The values are moved to the rank's device first (a no-op when they are there already), so no caller can hand
+    NCCL a CPU tensor. With one process (no process group) the values come back unchanged."""
+    tensor = torch.as_tensor(values).to(_DEVICE)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+    return tensor
+
+
+def all_agree(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on every rank (one small all-reduce; syncs with the device)."""
+    return bool(all_reduce([int(flag)], "min").item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one rank."""
+    return bool(all_reduce([int(flag)], "max").item())
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (pickled; NCCL moves it through the current CUDA device)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_DEVICE)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier(device_ids=[_DEVICE.index] if _DEVICE.type == "cuda" else None)

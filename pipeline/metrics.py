@@ -28,11 +28,21 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 class StepMeter:
-    """Accumulates time spent waiting for data vs computing between two ``report`` calls."""
+    """Accumulates time spent waiting for data vs computing between two ``report`` calls.
 
-    def __init__(self, global_batch: int, flops_per_image: int, peak: float | None, device: torch.device):
-        self.global_batch, self.flops, self.peak, self.device = global_batch, flops_per_image, peak, device
+    ``images_per_s`` is the whole job's rate (the global batch); MFU is per device: the FLOPs one device did over
+    that one device's peak, which is the job's rate divided by the world size over the same peak.
+    Time that is not training (eval, checkpoint saves) is excluded with ``pause``."""
+
+    def __init__(self, global_batch: int, world_size: int, flops_per_image: int, peak: float | None,
+                 device: torch.device):
+        self.global_batch, self.world_size = global_batch, world_size
+        self.flops, self.peak, self.device = flops_per_image, peak, device
         self._reset()
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` of non-training work (eval, a save) out of the current interval."""
+        self.start += seconds
 
     def _reset(self) -> None:
         self.start = time.perf_counter()
@@ -51,6 +61,6 @@ class StepMeter:
         out = {"images_per_s": images_per_s, "step_time_s": elapsed / max(self.steps, 1),
                "data_wait_frac": min(1.0, self.wait / elapsed), "peak_mem_gib": peak_memory_gib(self.device)}
         if self.peak:  # training FLOPs ~ 3x forward (backward is twice the forward)
-            out["mfu"] = 3 * self.flops * images_per_s / (self.peak * 1e12)
+            out["mfu"] = 3 * self.flops * images_per_s / self.world_size / (self.peak * 1e12)
         self._reset()
         return out
