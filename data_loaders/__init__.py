@@ -1,20 +1,23 @@
 """Data for So-ViT: one loader contract (see ``base``), three implementations, plus conversion and synthetic data.
 
 ``build(cfg, split, rank, world_size, device)`` picks the implementation named by ``cfg.loader``; backends are
-imported lazily, so a machine without FFCV or DALI can still use the others.
+imported lazily, so a machine without FFCV or DALI can still use the others. Problems with the data raise
+``DataError``, unset or invalid config keys ``ConfigError``, before any decoding starts.
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
 
-from .base import Loader, Split
+from .base import DataError, Loader, Split, sidecar_path
 
 
 def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
-          num_classes: int | None = None) -> Loader:
+          num_classes: int | None = None, classes: list[str] | None = None) -> Loader:
+    """The ``split`` loader of this rank. ``num_classes`` is the model's; ``classes``, the train split's class
+    names, makes val prove it labels the same classes (same names, same order), not just as many."""
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r} is invalid: expected 'train' or 'val'")
     if not 0 <= rank < world_size:
@@ -26,8 +29,8 @@ def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: tor
     elif cfg.loader == "torchvision":
         from .torchvision_loader import TorchvisionLoader as impl
     else:
-        raise ValueError(f"data.loader={cfg.loader!r} is invalid: expected ffcv, dali or torchvision")
-    return impl(cfg, split, rank, world_size, device, num_classes)
+        raise ConfigError(f"data.loader={cfg.loader!r} is invalid: expected ffcv, dali or torchvision")
+    return impl(cfg, split, rank, world_size, device, num_classes, classes)
 
 
-__all__ = ["Loader", "build"]
+__all__ = ["DataError", "Loader", "build", "sidecar_path"]

@@ -1,9 +1,9 @@
 """FFCV loader over a .beton written by ``data_loaders.convert``.
 
-Train order: FFCV's QUASI_RANDOM on one process (page-aware, cheap on RAM); with several ranks a RANDOM order:
-a fresh global permutation per epoch, sharded equally across ranks (``base.rank_indices``) - FFCV raises
-NotImplementedError for QUASI_RANDOM when distributed. Val: each rank reads its contiguous slice in order, so
-every sample is scored once; FFCV's own distributed mode would pad with duplicates.
+Train order: ``base.rank_indices``, as every backend: a fresh global permutation per epoch, sharded equally across
+ranks. The one exception is a single process reading through process memory (``os_cache=False``, a dataset larger
+than RAM): FFCV's page-aware QUASI_RANDOM, which FFCV refuses with several ranks. Val: each rank reads its
+contiguous slice in order, so every sample is scored once; FFCV's own distributed mode would pad with duplicates.
 
 Device placement differs on purpose. On a GPU the pipeline is ffcv-imagenet's: decode -> ToTensor -> ToDevice
 (non_blocking) -> ToTorchImage(channels_last) -> NormalizeImage on the device. On the CPU that order hangs
@@ -19,13 +19,24 @@ Applied DeiT extras: none beyond random-resized-crop and flip (RandAugment and r
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline.config import DataConfig
 
-from .base import Split, check_num_classes, rank_indices, read_sidecar, split_path
+from .base import (
+    Batch,
+    DataError,
+    LoaderBase,
+    Split,
+    check_classes,
+    num_workers,
+    rank_indices,
+    read_sidecar,
+    split_path,
+)
 
 
 def _resumable_loader_class():
@@ -47,27 +58,43 @@ def _resumable_loader_class():
     return ResumableLoader
 
 
-class FFCVLoader:
+def _check_beton(path: Path) -> dict:
+    """The sidecar of a .beton that FFCV can read completely: a damaged one fails here, in one line, instead of
+    deep inside FFCV (IndexError, AssertionError, negative dimensions) or, truncated, as silently missing samples."""
+    from ffcv.reader import Reader
+
+    fix = "re-create it with python -m data_loaders.convert"
+    try:
+        reader = Reader(str(path))
+    except Exception as e:  # FFCV has no error type of its own: every failure here means a damaged header
+        raise DataError(f"{path} is not a readable .beton ({type(e).__name__}: {e}): {fix}") from None
+    if not {"image", "label"} <= set(reader.handlers):
+        raise DataError(f"{path} has fields {sorted(reader.handlers)}: expected 'image' (RGBImageField) and 'label' "
+                        "(IntField), as written by python -m data_loaders.convert")
+    meta = read_sidecar(path)
+    stored = np.unique(reader.alloc_table["sample_id"]).size  # one image allocation per sample, table at the end
+    if not meta["num_samples"] == reader.num_samples == len(reader.metadata) == stored:
+        raise DataError(f"{path} is truncated or damaged: its sidecar lists {meta['num_samples']} images, the file "
+                        f"holds {stored}: {fix}")
+    return meta
+
+
+class FFCVLoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, classes: list[str] | None = None):
         from ffcv.fields.basics import IntDecoder
         from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import OrderOption
-        from ffcv.reader import Reader
         from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         path = split_path(cfg, split)
         if path.suffix != ".beton":
-            raise ValueError(f"data.{split}={str(path)!r} is not a .beton: the ffcv loader reads files made by "
-                             "python -m data_loaders.convert (or choose data.loader=dali/torchvision for folders)")
-        fields = set(Reader(str(path)).handlers)
-        if not {"image", "label"} <= fields:
-            raise ValueError(f"{path} has fields {sorted(fields)}: expected 'image' (RGBImageField) and 'label' "
-                             "(IntField), as written by python -m data_loaders.convert")
-        meta = read_sidecar(path)
+            raise DataError(f"data.{split}={str(path)!r} is not a .beton: the ffcv loader reads files made by "
+                            "python -m data_loaders.convert (or choose data.loader=dali/torchvision for folders)")
+        meta = _check_beton(path)
         self.classes: list[str] = meta["classes"]
-        check_num_classes(self.classes, num_classes, path)
-        self.device, self.split, self.batch_size = device, split, cfg.micro_batch_size
+        check_classes(self.classes, path, num_classes, classes)
+        self.batch_size = cfg.micro_batch_size
 
         size = (cfg.img_size, cfg.img_size)
         if split == "train":
@@ -86,7 +113,7 @@ class FFCVLoader:
             label = [IntDecoder(), ToTensor(), Squeeze()]
 
         n = meta["num_samples"]
-        if split == "train" and world_size == 1:
+        if split == "train" and world_size == 1 and not cfg.os_cache:
             kwargs = {"order": OrderOption.QUASI_RANDOM, "drop_last": True}
         elif split == "train":
             kwargs = {"order": OrderOption.RANDOM, "drop_last": True, "rank_order": lambda epoch: rank_indices(
@@ -95,18 +122,11 @@ class FFCVLoader:
             kwargs = {"order": OrderOption.SEQUENTIAL, "drop_last": False,
                       "indices": rank_indices(n, "val", rank, world_size, self.batch_size, cfg.seed, 0)}
         self._loader = _resumable_loader_class()(
-            str(path), batch_size=self.batch_size, num_workers=max(1, cfg.workers), os_cache=cfg.os_cache,
+            str(path), batch_size=self.batch_size, num_workers=max(1, num_workers(cfg)), os_cache=cfg.os_cache,
             seed=cfg.seed, pipelines={"image": image, "label": label}, batches_ahead=2, **kwargs)
         self._len = len(self._loader)
 
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self._loader.next_epoch = epoch
-        self._loader.skip = start_batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
+        self._loader.next_epoch, self._loader.skip = epoch, start_batch
         for images, labels in self._loader:
             yield images, labels.long().reshape(-1)
-        self._loader.skip = 0

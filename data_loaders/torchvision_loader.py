@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 
-from .base import Split, check_num_classes, num_batches, rank_indices, split_path
+from .base import Batch, DataError, LoaderBase, Split, check_classes, num_batches, num_workers, rank_indices, split_path
 from .folders import find_classes, list_samples
 
 
@@ -27,8 +27,11 @@ def _posterize(img: Image.Image, bits_to_keep: int, **kw) -> Image.Image:
     return Image.new(img.mode, img.size) if bits_to_keep < 1 else auto_augment.posterize(img, bits_to_keep, **kw)
 
 
-auto_augment.NAME_TO_OP.update({k: _posterize for k, op in auto_augment.NAME_TO_OP.items()
-                                if op is auto_augment.posterize})
+def fix_timm_posterize() -> None:
+    """Route timm's posterize ops through ``_posterize``; idempotent. Called by the loader before it builds its
+    transform (RandAugment binds its ops when built), so importing this module changes nothing in timm."""
+    auto_augment.NAME_TO_OP.update({k: _posterize for k, op in auto_augment.NAME_TO_OP.items()
+                                    if op is auto_augment.posterize})
 
 
 class _SeededFolder(Dataset):
@@ -49,16 +52,17 @@ class _SeededFolder(Dataset):
             return self.transform(im.convert("RGB")), label
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, classes: list[str] | None = None):
         root = split_path(cfg, split)
         if not root.is_dir():
-            raise ValueError(f"data.{split}={str(root)!r} is not a directory: the {cfg.loader} loader reads an "
-                             "ImageFolder (<split>/<class>/<image>)")
+            raise DataError(f"data.{split}={str(root)!r} is not a directory: the {cfg.loader} loader reads an "
+                            "ImageFolder (<split>/<class>/<image>)")
         self.classes = find_classes(root)
-        check_num_classes(self.classes, num_classes, root)
+        check_classes(self.classes, root, num_classes, classes)
         samples = list_samples(root, self.classes)
+        fix_timm_posterize()
         if split == "train":
             transform = create_transform(
                 cfg.img_size, is_training=True, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, vflip=0.0,
@@ -70,28 +74,20 @@ class TorchvisionLoader:
                                          crop_pct=cfg.crop_pct, mean=cfg.mean, std=cfg.std)
         self.dataset = _SeededFolder(samples, transform, cfg.seed)
         self.cfg, self.split, self.rank, self.world_size, self.device = cfg, split, rank, world_size, device
-        self.epoch, self.start_batch = 0, 0
+        self.workers = num_workers(cfg)
         n = len(rank_indices(len(samples), split, rank, world_size, cfg.micro_batch_size, cfg.seed, 0))
         self._len = num_batches(n, cfg.micro_batch_size, split)
 
-    def __len__(self) -> int:
-        return self._len
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         bs = self.cfg.micro_batch_size
-        indices = rank_indices(len(self.dataset), self.split, self.rank, self.world_size, bs, self.cfg.seed,
-                               self.epoch)
-        keys = [(int(i), self.epoch) for i in indices[self.start_batch * bs:]]
-        loader = DataLoader(self.dataset, batch_size=bs, sampler=keys, num_workers=self.cfg.workers,
+        indices = rank_indices(len(self.dataset), self.split, self.rank, self.world_size, bs, self.cfg.seed, epoch)
+        keys = [(int(i), epoch) for i in indices[start_batch * bs:]]
+        loader = DataLoader(self.dataset, batch_size=bs, sampler=keys, num_workers=self.workers,
                             pin_memory=self.device.type == "cuda", drop_last=self.split == "train",
-                            persistent_workers=False, prefetch_factor=4 if self.cfg.workers else None)
+                            persistent_workers=False, prefetch_factor=4 if self.workers else None)
         for images, labels in loader:
             yield (images.to(self.device, non_blocking=True, memory_format=self._memory_format()),
                    labels.to(self.device, non_blocking=True))
-        self.epoch, self.start_batch = self.epoch + 1, 0
 
     def _memory_format(self) -> torch.memory_format:
         return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
