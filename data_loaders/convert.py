@@ -6,10 +6,14 @@
 Real ImageNet copies are dirty, and FFCV's writer waits forever once one of its workers dies on a bad image.
 So every file is checked first, in parallel and cheaply (JPEGs are decoded at reduced DCT scale, which still
 reads the whole entropy-coded stream and so catches truncation): undecodable files are skipped and named, with
-the reason, on the console and in the sidecar. What FFCV's workers then read is normalised to 8-bit RGB (CMYK,
-grayscale, palette, alpha, 16-bit, PNG bytes under a .JPEG name, ...), and a watchdog turns a worker that dies
-anyway into an error instead of a hang. Output appears atomically: a temporary file is renamed at the end, the
-sidecar last, so an interrupted run leaves nothing that looks complete and never damages an earlier output.
+the reason, on the console and in the sidecar, as are files the folder scan does not read (other extensions,
+dangling image symlinks). What FFCV's workers then read is normalised to 8-bit RGB (CMYK, grayscale, palette,
+alpha, 16-bit, PNG bytes under a .JPEG name, ...), and a watchdog turns a worker that dies anyway into an error
+instead of a hang. Output appears atomically: a temporary file is renamed at the end, the sidecar last, so an
+interrupted run leaves nothing that looks complete and never damages an earlier output; the next run removes the
+temporaries a killed one left. An existing output is replaced only with ``--overwrite``. Every problem with the
+input or the destination is a ``DataError`` (on the command line: one ``error:`` line, exit code 2), raised
+before anything is written.
 """
 
 from __future__ import annotations
@@ -19,21 +23,26 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
+import psutil
 from PIL import Image
+from tqdm import tqdm
 
-from .folders import find_classes, list_samples
+from .base import DataError, read_sidecar, sidecar_path
+from .folders import find_classes, scan
 
-Image.MAX_IMAGE_PIXELS = 300_000_000  # giants (e.g. 5000x3500 scans) are legitimate ImageNet images
-
-
-class ConversionError(RuntimeError):
-    """The conversion cannot produce a complete output; nothing was written in place of the destination."""
+# Giants (e.g. 5000x3500 scans, and larger) are legitimate ImageNet images; PIL refuses above 2 x 89M pixels.
+# Raised only while convert() runs, for its own worker processes.
+GIANT_IMAGE_PIXELS = 300_000_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +72,7 @@ class ConvertOptions:
         ]
         for ok, what, expected in problems:
             if not ok:
-                raise ValueError(f"{what} is invalid: expected {expected}")
+                raise DataError(f"{what} is invalid: expected {expected}")
 
 
 def load_rgb(path: str, max_resolution: int) -> np.ndarray:
@@ -127,7 +136,7 @@ class _CleanImages:
         try:
             return load_rgb(path, self.max_resolution), label
         except Exception as e:
-            raise ConversionError(f"{path} passed the check but failed to load: {e}") from e
+            raise DataError(f"{path} passed the check but failed to load: {e}") from e
 
 
 def _watch_workers(stop: threading.Event, failed: list[int]) -> None:
@@ -143,124 +152,154 @@ def _watch_workers(stop: threading.Event, failed: list[int]) -> None:
 
 
 def convert(src: str | Path, out: str | Path, *, classes_from: str | Path | None = None,
-            options: ConvertOptions | None = None, progress: bool = True) -> dict:
+            options: ConvertOptions | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Convert one ImageFolder split; returns the report that is also written to ``<out>.json``."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-
     opts = options or ConvertOptions()
     opts.check()
     src, out = Path(src), Path(out)
-    if out.suffix != ".beton":
-        raise ValueError(f"--out {out} is invalid: expected a file name ending in .beton")
-    if not out.parent.is_dir():
-        raise ValueError(f"--out {out}: directory {out.parent} does not exist")
-    classes = find_classes(src)
-    if classes_from is not None:
-        classes = _read_sidecar_classes(Path(classes_from))
-    samples = list_samples(src, classes)
+    _check_destination(out, overwrite)
+    _remove_stale_temporaries(out)
+    classes = _classes_from(Path(classes_from)) if classes_from is not None else find_classes(src)
+    samples, unread = scan(src, classes)
     if opts.limit_per_class:  # samples are sorted by class, then name: keep the first N of each class
         samples = [s for i, s in enumerate(samples)
                    if i < opts.limit_per_class or samples[i - opts.limit_per_class][1] != s[1]]
+    bar = partial(tqdm, unit="img", smoothing=0.1, disable=not progress)
 
-    t0 = time.perf_counter()
-    with multiprocessing.Pool(opts.workers) as pool:
-        problems = list(_progress(pool.imap(check_image, [p for p, _ in samples], chunksize=64),
-                                  len(samples), "checking", progress))
-    skipped = [{"path": p, "reason": why} for (p, _), why in zip(samples, problems, strict=True) if why]
-    kept = [s for s, why in zip(samples, problems, strict=True) if not why]
-    for s in skipped:
-        print(f"skipped {s['path']}: {s['reason']}")
-    empty = sorted(set(range(len(classes))) - {label for _, label in kept})
-    if not kept or empty:
-        raise ConversionError(f"no decodable images for class(es) {[classes[i] for i in empty][:5]} in {src}: "
-                              "every class needs at least one image")
-    t_check = time.perf_counter() - t0
+    with mock.patch.object(Image, "MAX_IMAGE_PIXELS", GIANT_IMAGE_PIXELS):
+        t0 = time.perf_counter()
+        kept, undecodable = _check_files(samples, opts.workers, bar)
+        skipped = unread + undecodable
+        for s in skipped:
+            print(f"skipped {s['path']}: {s['reason']}")
+        empty = sorted(set(range(len(classes))) - {label for _, label in kept})
+        if empty:
+            raise DataError(f"no decodable images for class(es) {[classes[i] for i in empty][:5]} in {src}: "
+                            "every class needs at least one image")
+        t_check = time.perf_counter() - t0
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    sidecar, sidecar_tmp = sidecar_path(out), out.with_name(f".{out.name}.json.{os.getpid()}.tmp")
+        tmp, sidecar_tmp = _temporary(out), _temporary(sidecar_path(out))
+        try:
+            _write(kept, tmp, opts, bar)
+            elapsed = time.perf_counter() - t0
+            per_class = {c: 0 for c in classes}
+            for _, label in kept:
+                per_class[classes[label]] += 1
+            report = {
+                "format": "ffcv", "fields": {"image": "RGBImageField", "label": "IntField"},
+                "source": str(src.resolve()), "num_samples": len(kept), "num_classes": len(classes),
+                "classes": classes, "counts": per_class, "skipped": skipped, "options": asdict(opts),
+                "bytes": tmp.stat().st_size, "seconds": round(elapsed, 2), "check_seconds": round(t_check, 2),
+                "images_per_second": round(len(kept) / elapsed, 1),
+                "images_per_second_per_worker": round(len(kept) / elapsed / opts.workers, 1),
+            }
+            sidecar_tmp.write_text(json.dumps(report, indent=1))
+            tmp.replace(out)
+            sidecar_tmp.replace(sidecar_path(out))  # last: a sidecar names a complete .beton
+        finally:
+            for f in (tmp, sidecar_tmp):
+                f.unlink(missing_ok=True)
+    return report
+
+
+def _check_files(samples: list[tuple[str, int]], workers: int, bar) -> tuple[list[tuple[str, int]], list[dict]]:
+    """Pass 1, in parallel: the samples that decode, and ``{"path", "reason"}`` of those that do not."""
+    with multiprocessing.Pool(workers) as pool:
+        problems = list(bar(pool.imap(check_image, [p for p, _ in samples], chunksize=64), total=len(samples),
+                            desc="checking"))
+    return ([s for s, why in zip(samples, problems, strict=True) if not why],
+            [{"path": p, "reason": why} for (p, _), why in zip(samples, problems, strict=True) if why])
+
+
+def _write(kept: list[tuple[str, int]], tmp: Path, opts: ConvertOptions, bar) -> None:
+    """FFCV's writer over the checked files, watched: FFCV itself waits forever for a worker that died."""
+    import ffcv.writer
+    from ffcv.fields import IntField, RGBImageField
+
+    writer = ffcv.writer.DatasetWriter(str(tmp), {
+        "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                               compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality),
+        "label": IntField(),
+    }, num_workers=opts.workers)
     stop, failed = threading.Event(), []
-    watchdog = threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True)
-    try:
-        writer = DatasetWriter(str(tmp), {
-            "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
-                                   compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality),
-            "label": IntField(),
-        }, num_workers=opts.workers)
-        watchdog.start()
+    threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True).start()
+    # FFCV's writer makes its own progress bar, without a label and deaf to progress=False: it gets ours
+    with mock.patch.object(ffcv.writer, "tqdm", partial(bar, desc="writing")):
         try:
             writer.from_indexed_dataset(_CleanImages(kept, opts.max_resolution), chunksize=opts.chunk_size)
         except KeyboardInterrupt:
             if failed:
-                raise ConversionError(f"an FFCV writer worker died (exit codes {failed}); see its traceback "
-                                      f"above; {out} was not written") from None
+                raise DataError(f"an FFCV writer worker died (exit codes {failed}) on a file that passed the check; "
+                                "see its traceback above; the output was not written") from None
             raise
         finally:
             stop.set()
-        elapsed = time.perf_counter() - t0
-        per_class = {c: 0 for c in classes}
-        for _, label in kept:
-            per_class[classes[label]] += 1
-        report = {
-            "format": "ffcv", "fields": {"image": "RGBImageField", "label": "IntField"},
-            "source": str(src.resolve()), "num_samples": len(kept), "num_classes": len(classes),
-            "classes": classes, "counts": per_class, "skipped": skipped, "options": asdict(opts),
-            "bytes": tmp.stat().st_size, "seconds": round(elapsed, 2), "check_seconds": round(t_check, 2),
-            "images_per_second": round(len(kept) / elapsed, 1),
-            "images_per_second_per_worker": round(len(kept) / elapsed / opts.workers, 1),
-        }
-        sidecar_tmp.write_text(json.dumps(report, indent=1))
-        tmp.replace(out)
-        sidecar_tmp.replace(sidecar)  # last: a sidecar names a complete .beton
-    finally:
-        for f in (tmp, sidecar_tmp):
-            f.unlink(missing_ok=True)
-    return report
 
 
-def sidecar_path(beton: str | Path) -> Path:
-    beton = Path(beton)
-    return beton.with_name(beton.name + ".json")
+def _check_destination(out: Path, overwrite: bool) -> None:
+    """Every reason the output cannot be written, before any work: a conversion of ImageNet takes hours."""
+    if out.is_dir():
+        raise DataError(f"--out {out} is a directory: expected a .beton file name, e.g. {out / 'train.beton'}")
+    if out.suffix != ".beton":
+        raise DataError(f"--out {out} is invalid: expected a file name ending in .beton")
+    if not out.parent.is_dir():
+        raise DataError(f"--out {out}: directory {out.parent} does not exist: create it first")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: directory {out.parent} is not writable: fix its permissions or choose another "
+                        "--out")
+    existing = [p for p in (out, sidecar_path(out)) if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"--out {existing[0]} already exists: pass --overwrite to replace it (it stays intact until "
+                        "the new output is complete) or choose another --out")
 
 
-def _read_sidecar_classes(path: Path) -> list[str]:
-    if path.suffix == ".beton":
-        path = sidecar_path(path)
+def _temporary(path: Path) -> Path:
+    """Hidden, and named after this process and host, so a later run can tell a killed run's leftovers."""
+    return path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.tmp")
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove what a killed run (kill -9, out of memory) left beside ``out``: the temporaries of processes on this
+    host that no longer exist. A live run's stay, so two runs never delete each other's files."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}(?:\.json)?\.(\d+)@(.+)\.tmp")
+    for f in out.parent.iterdir():
+        m = pattern.fullmatch(f.name)
+        if m and m[2] == socket.gethostname() and not psutil.pid_exists(int(m[1])):
+            f.unlink()
+            print(f"removed {f}, left by a killed conversion")
+
+
+def _classes_from(path: Path) -> list[str]:
     try:
-        return list(json.loads(path.read_text())["classes"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"--classes-from {path}: cannot read a class list from it ({e}); expected the "
-                         ".beton.json sidecar written when the train split was converted") from None
-
-
-def _progress(it, total: int, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    from tqdm import tqdm
-
-    return tqdm(it, total=total, desc=desc, unit="img", smoothing=0.1)
+        return read_sidecar(path)["classes"]
+    except DataError as e:
+        raise DataError(f"--classes-from {e}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m data_loaders.convert", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m data_loaders.convert", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = ConvertOptions()
-    p.add_argument("--src", required=True, help="one split of an ImageFolder: SRC/<class>/<image>")
-    p.add_argument("--out", required=True, help="output .beton (a <out>.json sidecar is written beside it)")
+    required = {"required": True, "default": argparse.SUPPRESS}  # no "(default: None)" in --help
+    p.add_argument("--src", **required, help="one split of an ImageFolder: SRC/<class>/<image>")
+    p.add_argument("--out", **required, help="output .beton (a <out>.json sidecar is written beside it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out and its sidecar")
     p.add_argument("--classes-from", help="sidecar (or .beton) of the train split: val must use its class list")
     p.add_argument("--max-resolution", type=int, default=d.max_resolution, help="longer side, pixels")
     p.add_argument("--write-mode", default=d.write_mode, choices=["jpg", "raw", "proportion"],
-                   help="proportion (default): a --compress-probability share as JPEG, the rest raw")
-    p.add_argument("--compress-probability", type=float, default=d.compress_probability)
-    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality)
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size)
-    p.add_argument("--workers", type=int, default=d.workers)
+                   help="proportion: a --compress-probability share as JPEG, the rest raw")
+    p.add_argument("--compress-probability", type=float, default=d.compress_probability,
+                   help="share of JPEG images in --write-mode proportion")
+    p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of re-encoded images")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per FFCV writer task")
+    p.add_argument("--workers", type=int, default=d.workers, help="processes (all cores this one may use)")
     p.add_argument("--limit-per-class", type=int, default=None, help="quick subsets: at most N images per class")
     a = p.parse_args(argv)
     opts = ConvertOptions(a.max_resolution, a.write_mode, a.compress_probability, a.jpeg_quality, a.chunk_size,
                           a.workers, a.limit_per_class)
     try:
-        r = convert(a.src, a.out, classes_from=a.classes_from, options=opts)
-    except (ValueError, ConversionError) as e:
+        r = convert(a.src, a.out, classes_from=a.classes_from, options=opts, overwrite=a.overwrite)
+    except DataError as e:
         p.exit(2, f"error: {e}\n")
     print(f"wrote {a.out}: {r['num_samples']} images, {r['num_classes']} classes, {len(r['skipped'])} skipped, "
           f"{r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f} s ({r['images_per_second']:.0f} img/s, "

@@ -1,8 +1,11 @@
 """ImageNet-style folders (``split/<class>/<image>``): class lists and samples, read the same way by every tool.
 
-The converter, the DALI loader and the torchvision loader all label images through these two functions, so a
-label means the same class in a .beton, a DALI file list and an ImageFolder. Labels follow the sorted class
-directory names; a split whose class list differs from the one it must match is an error, never a silent shift.
+The converter, the DALI loader and the torchvision loader all label images through these functions, so a label
+means the same class in a .beton, a DALI file list and an ImageFolder. Labels follow the sorted class directory
+names; a split whose class list differs from the one it must match is an error, never a silent shift. So is a
+class directory that is a broken symlink (dropping it would shift every later label) and a symlink loop anywhere.
+A file that is not read - a name without an image extension, or a dangling image symlink - does not move labels:
+``scan`` names it with the reason (the converter reports them), ``list_samples`` leaves it out.
 """
 
 from __future__ import annotations
@@ -10,41 +13,75 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .base import DataError, check_classes
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+def _kind(entry: os.DirEntry) -> str:
+    """'dir' or 'file' (symlinks followed), or why a symlink cannot be followed."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError as e:  # ELOOP: DirEntry only swallows a missing target
+        raise DataError(f"{entry.path} is a symlink loop ({e.strerror}): remove the link or point it at a real "
+                        "file or directory") from None
+    return f"dangling symlink to {os.readlink(entry.path)}" if entry.is_symlink() else "not a regular file"
+
+
+def _entries(directory: Path) -> list[tuple[os.DirEntry, str]]:
+    return [(e, _kind(e)) for e in os.scandir(directory) if not e.name.startswith(".")]
 
 
 def find_classes(root: str | Path) -> list[str]:
     """Sorted names of the class directories under ``root`` (hidden ones ignored)."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"image folder {root} does not exist or is not a directory: expected <split>/<class>/<image>")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        raise DataError(f"image folder {root} does not exist or is not a directory: expected <split>/<class>/<image>")
+    entries = _entries(root)
+    broken = [f"{e.path} ({kind})" for e, kind in entries if kind.startswith("dangling")]
+    if broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise DataError(f"class directory {broken[0]}{more} is broken: restore its target or remove the link, "
+                        "otherwise every later class's label shifts")
+    classes = sorted(e.name for e, kind in entries if kind == "dir")
     if not classes:
-        raise ValueError(f"image folder {root} has no class directories: expected {root}/<class>/<image>")
+        raise DataError(f"image folder {root} has no class directories: expected {root}/<class>/<image>")
     return classes
 
 
-def list_samples(root: str | Path, classes: list[str] | None = None) -> list[tuple[str, int]]:
-    """``[(path, label), ...]`` in a deterministic order (class, then file name).
+def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[dict]]:
+    """``([(path, label), ...], [{"path", "reason"}, ...])``: the images in a deterministic order (class, then file
+    name) and the files that are not read, with why.
 
     ``classes`` (e.g. the train split's list, applied to val) must equal the directories found; every class must
     hold at least one image.
     """
     root = Path(root)
     found = find_classes(root)
-    if classes is not None and list(classes) != found:
-        missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-        raise ValueError(f"class directories of {root} differ from the expected {len(classes)} classes "
-                         f"(missing: {missing[:5]}, unexpected: {extra[:5]}): train and val must have the same classes")
+    check_classes(found, root, expected=classes)
     samples: list[tuple[str, int]] = []
+    unread: list[dict] = []
     for label, name in enumerate(found):
-        files = sorted(e.name for e in os.scandir(root / name) if e.is_file() and _is_image(e.name))
-        if not files:
-            raise ValueError(f"class directory {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                             "remove it or add its images, otherwise every later label shifts")
-        samples += [(str(root / name / f), label) for f in files]
-    return samples
+        images = []
+        for e, kind in sorted(_entries(root / name), key=lambda entry: entry[0].name):
+            if kind == "dir":
+                continue
+            if kind != "file":
+                unread.append({"path": e.path, "reason": kind})
+            elif e.name.lower().endswith(IMAGE_EXTENSIONS):
+                images.append(e.path)
+            else:
+                unread.append({"path": e.path, "reason": f"not an image extension ({', '.join(IMAGE_EXTENSIONS)})"})
+        if not images:
+            raise DataError(f"class directory {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                            "remove it or add its images, otherwise every later label shifts")
+        samples += [(path, label) for path in images]
+    return samples, unread
+
+
+def list_samples(root: str | Path, classes: list[str] | None = None) -> list[tuple[str, int]]:
+    """The images of ``scan``: what the folder loaders read."""
+    return scan(root, classes)[0]
