@@ -1,208 +1,92 @@
 """MLflow tracking from rank 0: one MLflow run per training run, appended to by resumes and requeues.
 
-Tracking must never stop training. Every MLflow call runs on a background thread behind a bounded queue; a
-server that is down (at start or mid-run) costs one warning, the thread retries with backoff, and logging catches
-up when the server returns. MLflow's own HTTP retries (7, exponential) would block for minutes, so they are cut
-to one short attempt per call here. The training loop never waits on the network, and ``finish`` waits a bounded
-time for the queue to drain.
+Tracking must never stop training, and must never lose what training measured. So ``metrics.jsonl`` in the run
+directory is the record: every call (metrics, tags, status, artifacts, datasets) is appended there first, and a
+background thread delivers the record to MLflow from the byte offset it last reached. The offset and the run id
+live beside the record in ``metrics.jsonl.mlflow.json`` (written atomically, under a file lock), so whatever MLflow
+did not take - an outage, a ``finish`` that timed out - is delivered later, exactly once, by the next start of the
+same run or by ``python launchers/sync_mlflow.py RUN_DIR``. The record ends with the run's final status, so the
+late delivery also closes the run as FINISHED, KILLED or FAILED.
 
-Tracking URI: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow 3's default ``sqlite:///mlflow.db`` in
-the working directory, which ``mlflow ui`` (run from the same directory, no arguments) opens.
+The training loop never waits on the network: MLflow's own HTTP retries (7, exponential) are cut to one short
+attempt per call, and the thread retries with its own backoff. ``finish`` waits a bounded time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import os
-import queue
+import re
 import socket
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .config import RunConfig
 
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no calls home from training jobs
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
-
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+# MLflow 3.17's UI opens an experiment in its GenAI view (traces, tokens) unless told otherwise. The experiment-kind
+# tag is what the UI writes when a user picks a kind, but the 3.17 bundle decides by the ``workflowType`` query
+# parameter (else the browser's last choice, GenAI at first), so ``ui_link`` carries that. Its runs table shows no
+# metric column by default; a shared view (an experiment tag the UI's "share" writes, named by the link's
+# ``viewStateShareKey``) adds the top-1 and loss columns.
+VIEW_KEY = "sovit-training"
+_COLUMNS = ["metrics.`val/best_top1`", "metrics.`val/top1`", "metrics.`train/loss`"]
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
+                   f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({"selectedColumns": _COLUMNS})}
+TRAINING_VIEW = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]+)(?P<password>:[^\s/@]*)?@")
 
 
-class Tracker:
-    """The no-op tracker of ranks != 0 and of runs with ``tracking.enabled: false``."""
+def configure() -> None:
+    """Process-wide MLflow settings for a training job, applied by ``start`` and ``sync`` rather than at import.
 
-    run_id: str | None = None
+    One short HTTP attempt per call (the background thread owns retrying), no telemetry calls home (MLflow reads
+    that flag when it is first imported, hence the environment comes first), and a quiet terminal: no MLflow/alembic
+    INFO lines (table creation, migrations, system-metrics monitoring; warnings still show) and no "View run at"
+    lines, which would show the URI's credentials and open the GenAI view (``ui_link`` is the link to print).
+    Values exported by the user win over these defaults."""
+    for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
+                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
+        os.environ.setdefault(key, value)
+    import mlflow  # noqa: F401  (it sets its logger to INFO when imported: import first, then quieten)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def log_artifact(self, path: str | Path) -> None:
-        pass
-
-    def finish(self, status: str = "FINISHED") -> None:
-        pass
-
-
-class JsonlTracker(Tracker):
-    """Appends every metrics record to ``run_dir/metrics.jsonl`` (rank 0): readable with no server at all, and
-    it survives requeues, since a resumed run appends to the same file."""
-
-    def __init__(self, path: Path, inner: Tracker):
-        self.path, self.inner = path, inner
-
-    @property
-    def run_id(self) -> str | None:
-        return self.inner.run_id
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-        self.inner.log_metrics(metrics, step)
-
-    def log_artifact(self, path: str | Path) -> None:
-        self.inner.log_artifact(path)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        self.inner.finish(status)
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
-class MlflowTracker(Tracker):
-    """Queues calls for a background thread that owns the MLflow client and retries while the server is away."""
+def redact(text: str) -> str:
+    """``text`` with the credentials of every URI in it replaced: ``http://user:TOKEN@host`` becomes
+    ``http://user:***@host``, and a lone user part (often a token: ``http://TOKEN@host``) becomes ``***``."""
+    def hide(m: re.Match) -> str:
+        return f"{m['scheme']}{m['user']}:***@" if m["password"] is not None else f"{m['scheme']}***@"
 
-    MAX_QUEUED = 100_000  # bounded memory when the server is gone for a long time: the oldest metrics are dropped
-
-    def __init__(self, uri: str, experiment: str, run_name: str | None, run_id: str | None,
-                 params: dict[str, Any], tags: dict[str, str], system_metrics: bool):
-        from mlflow import MlflowClient
-
-        self.uri, self._client = uri, MlflowClient(uri)
-        self._experiment, self._run_name, self.run_id = experiment, run_name, run_id
-        self._params, self._tags, self._system_metrics = params, tags, system_metrics
-        self._monitor = None
-        self._queue: queue.Queue = queue.Queue(self.MAX_QUEUED)
-        self._warned, self._started = False, False
-        if not self._ensure_run():  # one synchronous try, so the run id can go into the first checkpoint
-            self._put(("start",))  # otherwise the thread keeps trying even before the first metric arrives
-        self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
-        self._thread.start()
-
-    # ---- called by the training loop: never blocks on the network
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._put(("metrics", {k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
-
-    def log_artifact(self, path: str | Path) -> None:
-        if Path(path).exists():
-            self._put(("artifact", str(path)))
-
-    def finish(self, status: str = "FINISHED", timeout: float = 30.0) -> None:
-        self._put(("finish", status))
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            warnings.warn(f"MLflow at {self.uri} did not take the last {self._queue.qsize()} records within "
-                          f"{timeout:.0f} s; they are dropped (training itself is unaffected)", stacklevel=2)
-
-    def _put(self, item: tuple) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(item)
-                return
-            except queue.Full:
-                self._queue.get_nowait()
-
-    # ---- the background thread
-    def _ensure_run(self) -> bool:
-        if self._started:
-            return True
-        try:
-            if self.run_id is None:
-                exp = self._client.get_experiment_by_name(self._experiment)
-                exp_id = exp.experiment_id if exp else self._client.create_experiment(self._experiment)
-                run = self._client.create_run(exp_id, run_name=self._run_name, tags=self._tags)
-                self.run_id = run.info.run_id
-                self._client.log_batch(self.run_id, params=_params(self._params))
-            else:  # a resume or requeue: the same run goes on; params are immutable in MLflow, tags refresh
-                self._client.update_run(self.run_id, status="RUNNING")
-                for k, v in self._tags.items():
-                    self._client.set_tag(self.run_id, k, v)
-            self._started = True
-            self._start_system_metrics()
-            return True
-        except Exception as e:
-            self._warn(e)
-            return False
-
-    def _start_system_metrics(self) -> None:
-        if not self._system_metrics or self._monitor is not None:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True,
-                                                 tracking_uri=self.uri)
-            self._monitor.start()
-        except Exception as e:  # psutil/pynvml missing or the monitor refused: metrics still flow
-            warnings.warn(f"MLflow system metrics are off: {e}", stacklevel=2)
-
-    def _work(self) -> None:
-        backoff = 1.0
-        while True:
-            item = self._queue.get()
-            while True:
-                try:
-                    if not self._ensure_run():
-                        raise ConnectionError("run not created yet")
-                    done = self._apply(item)
-                    break
-                except Exception as e:
-                    self._warn(e)
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 30.0)
-                    if item[0] == "finish" and backoff >= 8:  # don't hold the process at exit for long
-                        return
-            backoff = 1.0
-            if done:
-                return
-
-    def _apply(self, item: tuple) -> bool:
-        from mlflow.entities import Metric
-
-        kind = item[0]
-        if kind == "metrics":
-            _, metrics, step, ts = item
-            self._client.log_batch(self.run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
-        elif kind == "artifact":
-            self._client.log_artifact(self.run_id, item[1])
-        elif kind == "finish":
-            if self._monitor is not None:
-                self._monitor.finish()
-            self._client.set_terminated(self.run_id, status=item[1])
-            return True
-        if self._warned:
-            warnings.warn(f"MLflow at {self.uri} is reachable again; logging resumed", stacklevel=2)
-            self._warned = False
-        return False
-
-    def _warn(self, e: Exception) -> None:
-        if not self._warned:
-            self._warned = True
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            warnings.warn(f"MLflow at {self.uri} is unreachable ({msg[:200]}); training goes on and logging "
-                          "retries in the background", stacklevel=2)
-
-
-def _params(params: dict[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(k, str(v)[:6000]) for k, v in params.items()]
+    return _USERINFO.sub(hide, str(text))
 
 
 def tracking_uri(cfg: RunConfig) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    """The one place the tracking URI is chosen: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow 3's
+    default store ``sqlite:///mlflow.db`` in the working directory. A relative sqlite path is made absolute here,
+    so the launcher, every rank and a later sync all mean the same file."""
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    db = _sqlite_path(uri)
+    return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?")[0])
 
 
 def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
@@ -217,14 +101,440 @@ def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
     return tags
 
 
+class Tracker:
+    """The no-op tracker of ranks != 0 and of runs with neither MLflow nor a record file."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path) -> None:
+        pass
+
+    def log_dataset(self, sidecar: str | Path, context: str = "train") -> None:
+        pass
+
+    def log_best(self, path: str | Path, top1: float, step: int) -> None:
+        pass
+
+    def ui_link(self) -> str | None:
+        return None
+
+    def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+        pass
+
+
+class JsonlTracker(Tracker):
+    """Appends every call as one JSON line to the record (rank 0), then lets ``courier`` deliver it to MLflow.
+
+    Readable with no server at all, and it survives requeues: a resumed run appends to the same file. Lines with a
+    ``step`` are metrics (``{"step": 100, "timestamp": ms, "train/loss": 2.3}``); the others carry exactly one of
+    ``params``, ``tags``, ``status``, ``artifact``, ``dataset``."""
+
+    def __init__(self, path: Path, courier: MlflowCourier | None = None, spool: Any = None):
+        self.path, self.courier = Path(path), courier
+        self._spool = spool  # the temporary directory holding ``path`` when the caller gave no record: kept alive
+        self._best: Path | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.courier.run_id if self.courier else None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+
+    def log_artifact(self, path: str | Path) -> None:
+        """Uploads ``path`` (as it is at delivery time) to the run's artifact root; a path that does not exist is
+        skipped (the trainer passes optional files, such as the sidecar of a loader that has none)."""
+        if Path(path).is_file():
+            self.append({"artifact": str(Path(path).resolve())})
+
+    def log_dataset(self, sidecar: str | Path, context: str = "train") -> None:
+        """Records the ``.beton`` a loader reads as an MLflow dataset input of the run (``mlflow.log_input``): named
+        after the file, sourced at its path, with the hash of its conversion report (the sidecar JSON) as digest,
+        so a re-converted dataset shows up as another version. ``sidecar`` may be the ``.beton`` or its sidecar."""
+        sidecar = Path(sidecar)
+        if sidecar.suffix == ".beton":
+            sidecar = sidecar.with_name(sidecar.name + ".json")
+        try:
+            content = sidecar.read_bytes()
+            report = json.loads(content)
+        except (OSError, ValueError) as e:  # never fatal to training
+            warnings.warn(f"dataset not logged: {sidecar} is not a readable .beton sidecar ({e})", stacklevel=2)
+            return
+        beton = sidecar.with_suffix("").resolve()
+        profile = {"num_rows": report.get("num_samples"), "num_classes": report.get("num_classes"),
+                   "bytes": report.get("bytes"), "fields": report.get("fields")}
+        self.append({"dataset": {"name": beton.name, "digest": hashlib.sha256(content).hexdigest()[:16],
+                                 "source_type": "local", "source": json.dumps({"uri": str(beton)}),
+                                 "profile": json.dumps(profile)}, "context": context})
+
+    def log_best(self, path: str | Path, top1: float, step: int) -> None:
+        """New best weights at ``path``: ``val/best_top1`` is logged now, and the file is uploaded once, by
+        ``finish``, rather than at every improvement (it is rewritten in place and can be large)."""
+        self.log_metrics({"val/best_top1": top1}, step)
+        self._best = Path(path)
+
+    def ui_link(self) -> str | None:
+        return self.courier.ui_link() if self.courier else None
+
+    def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
+        """Appends the final status (and the best weights) and waits at most ``timeout`` s for MLflow to take the
+        whole record; whatever it has not taken then stays in the record for a later start or sync."""
+        if self._best is not None:
+            self.log_artifact(self._best)
+        self.append({"status": status})
+        if self.courier and not self.courier.finish(timeout):
+            rest = ("lost (no record file was given)" if self._spool else "delivered by the next start of this run, "
+                    f"or now by: python launchers/sync_mlflow.py {self.path.parent}")
+            warnings.warn(f"MLflow at {redact(self.courier.uri)} has not taken the whole record within "
+                          f"{timeout:.0f} s; the rest is {rest}", stacklevel=2)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({**record, "timestamp": int(time.time() * 1000)}) + "\n")
+
+
+class MlflowCourier:
+    """Delivers a record file to one MLflow run, from where delivery last stopped.
+
+    The live tracker runs it on a background thread; ``sync`` runs it to the end in the foreground. Both hold the
+    record's file lock while they deliver a chunk and move the offset, so they never send a line twice. A line
+    MLflow refuses for good (a 4xx answer, a file gone) is skipped with a warning; anything else is retried."""
+
+    CHUNK = 1 << 20  # bytes of the record read per delivery step
+    MAX_METRICS = 1000  # MLflow's limit per log_batch
+    POLL = 1.0  # seconds between looks at the record when everything is delivered
+
+    def __init__(self, record: Path, uri: str, experiment: str | None = None, run_name: str | None = None,
+                 run_id: str | None = None, system_metrics: bool = False):
+        self.record, self.uri, self._client = Path(record), uri, None
+        self.state_path = self.record.with_name(self.record.name + ".mlflow.json")
+        self._lock_path = self.record.with_name(self.record.name + ".lock")
+        self.run_id: str | None = None
+        self._experiment_id: str | None = None
+        self._system_metrics, self._monitor = system_metrics, None
+        self._warned, self.sent = False, 0  # sent: lines delivered (or refused) by this courier
+        self._wake, self._finishing, self._done, self._stop = (threading.Event() for _ in range(4))
+        if experiment is not None:  # a live start: bring the state up to date before the first line is appended
+            with self._locked():
+                state = self.read_state(missing_ok=True) or {"delivered": self._size() if run_id else 0}
+                state.update(uri=redact(uri), experiment=experiment, run_name=run_name)
+                state["run_id"] = run_id or state.get("run_id")
+                self._write_state(state)
+
+    @property
+    def client(self):
+        """Made on first use, inside the callers' error handling: creating the client creates the store."""
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            with self._store_lock():
+                self._client = MlflowClient(self.uri)
+        return self._client
+
+    @property
+    def new_run(self) -> bool:
+        return self.read_state()["run_id"] is None
+
+    # ---- the live tracker's side
+    def open(self) -> None:
+        """One synchronous try, so the run id can go into the first checkpoint; then the background thread."""
+        try:
+            with self._locked():
+                state = self.read_state()
+                self._ensure_run(state)
+                self._write_state(state)
+        except Exception as e:
+            self._warn(e)
+        threading.Thread(target=self._work, name="mlflow-tracker", daemon=True).start()
+
+    def finish(self, timeout: float) -> bool:
+        """Waits at most ``timeout`` s for the whole record (which now ends with the status) to be delivered;
+        False, and the thread stops, if it was not."""
+        if self._monitor is not None:
+            self._monitor.finish()
+        self._finishing.set()
+        self._wake.set()
+        if self._done.wait(timeout):
+            return True
+        self._stop.set()
+        return False
+
+    def _work(self) -> None:
+        backoff = 1.0
+        while not self._stop.is_set():
+            finishing = self._finishing.is_set()  # read first: a status appended before it is seen below
+            try:
+                done = self.deliver()
+            except Exception as e:
+                self._warn(e)
+                self._sleep(backoff)  # finish() wakes it, and once finishing a returning server is seen within 1 s
+                backoff = min(backoff * 2, 1.0 if self._finishing.is_set() else 30.0)
+                continue
+            backoff = 1.0
+            if self._warned:
+                self._warned = False
+                warnings.warn(f"MLflow at {redact(self.uri)} is reachable again; logging resumed", stacklevel=2)
+            if done and finishing:
+                self._done.set()
+                return
+            if done:
+                self._sleep(self.POLL)
+
+    def _sleep(self, seconds: float) -> None:
+        self._wake.wait(seconds)
+        self._wake.clear()
+
+    def _warn(self, e: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            warnings.warn(f"MLflow at {redact(self.uri)} is unreachable ({redact(msg)[:300]}); training goes on, "
+                          "the record keeps every line and delivery retries in the background", stacklevel=2)
+
+    # ---- delivery, shared with sync
+    def deliver(self) -> bool:
+        """Delivers the next chunk of the record beyond the saved offset; True when nothing is left."""
+        with self._locked():
+            state = self.read_state()
+            self._ensure_run(state)
+            with open(self.record, "rb") as f:
+                f.seek(state["delivered"])
+                data = f.read(self.CHUNK)
+            for records, end in self._units(data, state["delivered"]):
+                try:
+                    self._apply(records)
+                except Exception as e:
+                    if not _refused(e):
+                        raise
+                    warnings.warn(f"MLflow at {redact(self.uri)} refused a record, skipped: "
+                                  f"{redact(str(e).splitlines()[0])[:300]}", stacklevel=2)
+                state["delivered"] = end
+                self._write_state(state)
+                self.sent += len(records)
+            return state["delivered"] >= self._size()
+
+    def _units(self, data: bytes, offset: int):
+        """Complete lines from ``data`` as ``(records, end offset)``: runs of metric lines up to MLflow's batch
+        limit together, every other line alone."""
+        batch, n_metrics, end = [], 0, offset
+        for raw in data[:data.rfind(b"\n") + 1].splitlines(keepends=True):
+            try:
+                rec = json.loads(raw)
+            except ValueError:  # a line torn by a crash mid-write
+                rec = None
+            is_metrics = bool(rec) and "step" in rec
+            n = sum(k not in ("step", "timestamp") for k in rec) if is_metrics else 0
+            if batch and (not is_metrics or n_metrics + n > self.MAX_METRICS):
+                yield batch, end
+                batch, n_metrics = [], 0
+            end += len(raw)
+            if is_metrics:
+                batch.append(rec)
+                n_metrics += n
+            else:
+                yield ([rec] if rec else []), end
+        if batch:
+            yield batch, end
+
+    def _apply(self, records: list[dict[str, Any]]) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+
+        if not records:
+            return
+        c, run, rec = self.client, self.run_id, records[0]
+        now = int(time.time() * 1000)
+        if "step" in rec:
+            c.log_batch(run, metrics=[Metric(k, v, r.get("timestamp", now), r["step"]) for r in records
+                                      for k, v in r.items() if k not in ("step", "timestamp")])
+        elif "params" in rec:
+            params = [Param(k, str(v)[:6000]) for k, v in rec["params"].items()]
+            for i in range(0, len(params), 100):  # MLflow's limit per log_batch
+                c.log_batch(run, params=params[i:i + 100])
+        elif "tags" in rec:
+            c.log_batch(run, tags=[RunTag(k, redact(str(v))) for k, v in rec["tags"].items()])
+        elif "status" in rec:
+            if rec["status"] == "RUNNING":
+                c.update_run(run, status="RUNNING")
+            else:
+                c.set_terminated(run, status=rec["status"], end_time=rec.get("timestamp"))
+        elif "artifact" in rec:
+            if Path(rec["artifact"]).is_file():
+                c.log_artifact(run, rec["artifact"])
+            else:
+                warnings.warn(f"artifact {rec['artifact']} no longer exists; not uploaded", stacklevel=2)
+        elif "dataset" in rec:
+            c.log_inputs(run, datasets=[DatasetInput(Dataset(**rec["dataset"]),
+                                                     tags=[InputTag("mlflow.data.context", rec["context"])])])
+
+    def _ensure_run(self, state: dict[str, Any]) -> None:
+        """Finds the run of the state (or creates it, in an experiment that opens in the training view)."""
+        if self.run_id is not None and self.run_id == state["run_id"]:
+            return
+        from mlflow.exceptions import MlflowException
+
+        run_id = state["run_id"]
+        if run_id is not None:
+            try:
+                exp_id = self.client.get_run(run_id).info.experiment_id
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                warnings.warn(f"run {run_id} is not in MLflow at {redact(self.uri)}: a new run gets the whole "
+                              f"record {self.record}", stacklevel=2)
+                run_id, state["delivered"] = None, 0
+        if run_id is None:
+            exp_id = self._get_or_create_experiment(state["experiment"])
+            run_id = self.client.create_run(exp_id, run_name=state["run_name"],
+                                            start_time=self._first_timestamp()).info.run_id
+            state["run_id"] = run_id
+            self._write_state(state)  # at once: a failure later must not create a second run
+        self.run_id, self._experiment_id = run_id, exp_id
+        self._start_system_metrics()
+
+    def _get_or_create_experiment(self, name: str) -> str:
+        """The experiment's id; it gets the training-view tags it lacks (also one made before they existed)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            db = _sqlite_path(self.uri)  # artifacts next to the store, not in ./mlruns of the working directory
+            location = str(db.resolve().parent / "mlartifacts") if db is not None else None
+            try:
+                return self.client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
+            except MlflowException as e:  # another run created it meanwhile
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp = self.client.get_experiment_by_name(name)
+        for key, value in EXPERIMENT_TAGS.items():
+            if key not in exp.tags:
+                self.client.set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
+
+    def _start_system_metrics(self) -> None:
+        if not self._system_metrics or self._monitor is not None or self._finishing.is_set():
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, resume_logging=True,
+                                                 tracking_uri=self.uri)
+            self._monitor.start()
+        except Exception as e:  # psutil/pynvml missing or the monitor refused: metrics still flow
+            warnings.warn(f"MLflow system metrics are off: {redact(str(e))}", stacklevel=2)
+
+    def ui_link(self) -> str | None:
+        """Where to watch the run in MLflow's training view: a URL for an HTTP server (credentials left out),
+        else the ``mlflow ui`` command for the store, then the URL path to open."""
+        if self._experiment_id is None:
+            return None
+        path = f"/#/experiments/{self._experiment_id}/runs?{TRAINING_VIEW}"
+        parts = urlsplit(self.uri)
+        if parts.scheme in ("http", "https"):
+            return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")) + path
+        mlflow = Path(sys.executable).parent / "mlflow"
+        return f"{mlflow} ui --backend-store-uri {redact(self.uri)}, then open http://127.0.0.1:5000{path}"
+
+    # ---- files
+    def read_state(self, missing_ok: bool = False) -> dict[str, Any] | None:
+        if missing_ok and not self.state_path.exists():
+            return None
+        return json.loads(self.state_path.read_text())
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self.state_path)
+
+    def _first_timestamp(self) -> int | None:
+        """When the record began: the run's start, also for a run created late (server down at start, or sync)."""
+        with contextlib.suppress(OSError, ValueError), open(self.record) as f:
+            return json.loads(f.readline()).get("timestamp")
+        return None
+
+    def _size(self) -> int:
+        return self.record.stat().st_size if self.record.exists() else 0
+
+    def _locked(self):
+        from filelock import FileLock
+
+        return FileLock(self._lock_path)
+
+    def _store_lock(self):
+        """A fresh sqlite store is created (alembic migrations) by the first client of each process; two runs
+        doing that at once crash one of them, so they take turns on a lock file beside the database."""
+        from filelock import FileLock
+
+        db = _sqlite_path(self.uri)
+        if db is None:
+            return contextlib.nullcontext()
+        db.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(db.with_name(db.name + ".lock"))
+
+
+def _refused(e: Exception) -> bool:
+    """MLflow answered, and retrying the same request cannot help (bad value, unknown run, changed param)."""
+    from mlflow.exceptions import MlflowException
+
+    code = e.get_http_status_code() if isinstance(e, MlflowException) else 0
+    return 400 <= code < 500 and code != 429
+
+
 def start(cfg: RunConfig, rank: int, run_id: str | None = None, tags: dict[str, str] | None = None,
           world_size: int = 1, jsonl: Path | None = None) -> Tracker:
-    """Rank 0's tracker: MLflow (unless disabled), plus a local ``jsonl`` file when given. Others: no-op."""
+    """Rank 0's tracker: the ``jsonl`` record (a temporary file when not given) delivered to MLflow unless
+    tracking is disabled. Other ranks: a no-op. ``run_id`` resumes that run; without it, the run the record's
+    state names (if any) goes on."""
     if rank != 0:
         return Tracker()
-    tracker = Tracker()
-    if cfg.tracking.enabled:
-        all_tags = {**default_tags(cfg, world_size), **(tags or {})}
-        tracker = MlflowTracker(tracking_uri(cfg), cfg.tracking.experiment, cfg.tracking.run_name, run_id,
-                                cfg.flat(), all_tags, cfg.tracking.system_metrics)
-    return JsonlTracker(jsonl, tracker) if jsonl is not None else tracker
+    if not cfg.tracking.enabled:
+        return JsonlTracker(jsonl) if jsonl is not None else Tracker()
+    configure()
+    spool = None
+    if jsonl is None:  # nothing outlives the process then
+        spool = tempfile.TemporaryDirectory(prefix="mlflow-record-")
+        jsonl = Path(spool.name) / "metrics.jsonl"
+    run_name = cfg.tracking.run_name or Path(cfg.checkpoint.run_dir).name or None
+    courier = MlflowCourier(jsonl, tracking_uri(cfg), cfg.tracking.experiment, run_name, run_id,
+                            cfg.tracking.system_metrics)
+    tracker = JsonlTracker(jsonl, courier, spool)
+    if courier.new_run:  # params are immutable in MLflow: only the first start's config goes in
+        tracker.append({"params": {k: redact(v) if isinstance(v, str) else v for k, v in cfg.flat().items()}})
+    tracker.append({"tags": {**default_tags(cfg, world_size), **(tags or {})}})
+    tracker.append({"status": "RUNNING"})
+    courier.open()
+    return tracker
+
+
+@dataclass
+class Synced:
+    run_id: str
+    records: int  # lines of the record delivered by this sync
+    status: str  # the run's status in MLflow afterwards
+    link: str | None
+
+
+def sync(record: str | Path, uri: str | None = None) -> Synced:
+    """Delivers what MLflow has not yet taken from a run's record, ending with its final status if it has one.
+
+    ``uri`` defaults to the one the run was logged to; a URI that carried credentials is stored redacted, so then
+    ``uri`` or ``$MLFLOW_TRACKING_URI`` must give it. Raises on the first failure (run it again later; nothing is
+    lost and nothing is sent twice)."""
+    configure()
+    record = Path(record)
+    state_path = record.with_name(record.name + ".mlflow.json")
+    if not state_path.exists():
+        raise FileNotFoundError(f"{state_path} does not exist: {record} was not written with MLflow tracking on")
+    uri = uri or json.loads(state_path.read_text())["uri"]
+    if "***" in uri:
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or ""
+        if not uri:
+            raise ValueError(f"the tracking URI of {record} had credentials and is stored redacted: pass --uri or "
+                             "set MLFLOW_TRACKING_URI")
+    courier = MlflowCourier(record, uri)
+    while not courier.deliver():
+        pass
+    status = courier.client.get_run(courier.run_id).info.status
+    return Synced(courier.run_id, courier.sent, status, courier.ui_link())
