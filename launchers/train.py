@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     if result.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("RANK", "0")) == 0:
         requeue_self()
-    return EXIT_CODES[result.status]
+    return 130 if result.signal == "SIGINT" else EXIT_CODES[result.status]
 
 
 if __name__ == "__main__":

@@ -168,6 +168,22 @@ def _disk_error(run_dir: Path, tag: str, error: BaseException, needed: int) -> C
                            "; free space or move checkpoint.run_dir, then rerun the same command to resume")
 
 
+def _expected_bytes(engine, client_state: dict[str, Any]) -> int:
+    """What a first checkpoint takes: fp32 weights and two Adam moments (12 bytes a parameter, whatever the ZeRO
+    stage: the stages split it across ranks), plus the client state's tensors (the EMA copy)."""
+    params = sum(p.numel() for p in engine.module.parameters())
+    tensors = [v for v in _leaves(client_state) if isinstance(v, torch.Tensor)]
+    return 12 * params + sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _leaves(x: Any):
+    if isinstance(x, dict):
+        for v in x.values():
+            yield from _leaves(v)
+    else:
+        yield x
+
+
 def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
 
@@ -193,7 +209,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], rank_st
         failure = e
     if distributed.any_rank(failure is not None):
         previous = complete_tags(run_dir)
-        needed = _tree_bytes(run_dir / previous[0]) if previous else _tree_bytes(tag_dir)
+        needed = _tree_bytes(run_dir / previous[0]) if previous else _expected_bytes(engine, client_state)
         distributed.barrier()
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)

@@ -79,6 +79,7 @@ class RunResult:
     best_epoch: int | None = None
     val: dict[str, float] = field(default_factory=dict)  # the last evaluation: top1, top5, loss, ema_top1, ...
     message: str = ""
+    signal: str | None = None  # the stop signal this rank received: SIGUSR1, SIGTERM or SIGINT
 
     @property
     def requeue(self) -> bool:
@@ -98,7 +99,7 @@ class StopSignals:
     CODES: ClassVar[dict[int, int]] = {signal.SIGUSR1: 1, signal.SIGTERM: 2, signal.SIGINT: 2}  # highest wins
 
     def __init__(self) -> None:
-        self.code, self.since = 0, 0.0
+        self.code, self.since, self.name = 0, 0.0, None
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -117,6 +118,7 @@ class StopSignals:
             print("\ninterrupted: saving at the next step check (Ctrl-C again to quit without saving)",
                   file=sys.stderr, flush=True)
         self.code, self.since = max(self.code, self.CODES[signum]), self.since or time.monotonic()
+        self.name = signal.Signals(signum).name
 
     def agreed(self) -> int:
         """Collective: the highest stop code raised on any rank (0: go on)."""
@@ -261,7 +263,7 @@ class Trainer:
             message = ""
         finally:
             bar.close()
-        return self._finish(status, message)
+        return self._finish(status, message, stop.name)
 
     # ---------------------------------------------------------------------------------------------- steps
 
@@ -383,13 +385,13 @@ class Trainer:
         tags = checkpoint.complete_tags(self.run_dir)
         return tags[0] if tags else "the start (no checkpoint yet)"
 
-    def _finish(self, status: str, message: str) -> RunResult:
+    def _finish(self, status: str, message: str, stopped_by: str | None) -> RunResult:
         state, info = self.state, self.info
         if status == "FAILED" and info.is_main:
             print(f"error: {message}", file=sys.stderr, flush=True)
         result = RunResult(status=status, step=state.step, epoch=state.epoch, world_size=info.world_size,
                            run_dir=str(self.run_dir), mlflow_run_id=self.tracker.run_id, best_top1=state.best_top1,
-                           best_epoch=state.best_epoch, val=self.last_eval, message=message)
+                           best_epoch=state.best_epoch, val=self.last_eval, message=message, signal=stopped_by)
         if info.is_main:
             checkpoint.write_json(self.run_dir / "final_metrics.json", result.to_json())
             for artifact in (self.run_dir / "config.yaml", self.run_dir / "final_metrics.json",

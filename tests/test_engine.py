@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import torchrun
 
 from pipeline.config import load_config
 from pipeline.engine import deepspeed_config
@@ -17,45 +13,26 @@ from pipeline.engine import deepspeed_config
 WORKER = Path(__file__).with_name("zero_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(*args: str, nproc: int = 2, timeout: int = 400) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
-           "127.0.0.1", "--master_port", str(free_port()), str(WORKER), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=WORKER.parent)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-    assert out.returncode == 0 and lines, out.stderr[-3000:]
-    return json.loads(lines[-1].removeprefix("RESULT "))
-
-
 @pytest.mark.multiproc
 def test_zero_stages_give_matching_losses():
     """Stages 0-3 partition state differently but compute the same update.
 
-    fp32: all stages agree to reduction order (rel 1e-5). bf16: stages 1-3 share DeepSpeed's ZeRO bf16 optimizer
-    (fp32 master weights) and agree with each other to 1e-2 and with fp32 to 2e-2; stage 0 in bf16 goes through
-    DeepSpeed's unfused optimizer wrapper and drifts further (measured ~6% after 4 steps at lr 1e-3), bounded
-    here at 10% - prefer ZeRO >= 1 for bf16 runs (docs/training.md).
+    fp32: all stages agree to reduction order (rel 1e-5). bf16 is autocast with fp32 master weights at every stage,
+    so stages agree with each other to 5e-3 (measured 1.3e-3 after 4 steps) and with fp32 to 1e-2 (measured 3.5e-3).
     """
-    fp32, bf16 = torchrun("zero", "fp32"), torchrun("zero", "bf16")
+    fp32, bf16 = torchrun(WORKER, "zero", "fp32"), torchrun(WORKER, "zero", "bf16")
     ref = fp32["0"]["losses"]
     assert len(set(ref)) == len(ref)  # the weights really moved between steps
-    for stage in ("1", "2", "3"):
+    for stage in ("0", "1", "2", "3"):
         assert fp32[stage]["losses"] == pytest.approx(ref, rel=1e-5)
         assert fp32[stage]["norm"] == pytest.approx(fp32["0"]["norm"], rel=1e-5)
-        assert bf16[stage]["losses"] == pytest.approx(bf16["1"]["losses"], rel=1e-2)
-        assert bf16[stage]["losses"] == pytest.approx(ref, rel=2e-2)
-    assert bf16["0"]["losses"] == pytest.approx(ref, rel=1e-1)
+        assert bf16[stage]["losses"] == pytest.approx(bf16["0"]["losses"], rel=5e-3)
+        assert bf16[stage]["losses"] == pytest.approx(ref, rel=1e-2)
 
 
 @pytest.mark.multiproc
 def test_gradient_accumulation_equals_a_larger_batch():
-    res = torchrun("accum")
+    res = torchrun(WORKER, "accum")
     assert res["max_weight_diff"] < 1e-5 * max(1.0, res["weight_norm"])
 
 
@@ -65,7 +42,33 @@ def test_deepspeed_config_is_generated_from_the_run_config():
     ds = deepspeed_config(cfg, 16)
     assert ds["train_batch_size"] == 1024 and ds["train_micro_batch_size_per_gpu"] == 32
     assert ds["gradient_accumulation_steps"] == 2 and ds["zero_optimization"]["stage"] == 2
-    assert ds["bf16"] == {"enabled": True} and "fp16" not in ds and ds["gradient_clipping"] == 1.0
+    # bf16 is autocast over fp32 weights, never DeepSpeed's weight-casting bf16 mode
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds and "fp16" not in ds
+    assert ds["gradient_clipping"] == 1.0
     assert cfg.scaled_lr() == pytest.approx(2e-3)  # 1e-3 at 512, linear scaling to 1024
     # no clip_grad means no clipping: DeepSpeed's own default would silently clip at 1.0
     assert deepspeed_config(load_config(["arch/sovit_7"], world_size=1), 1)["gradient_clipping"] == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_batchnorm_statistics_stay_fp32_under_bf16():
+    """200 bf16 steps: BN buffers stay fp32 and hold, to fp32 rounding, what an fp32 BatchNorm fed the same
+    inputs holds (measured 3.4e-7 relative; a bf16 buffer at momentum 0.01 rounds most updates away). Against a
+    whole fp32 run, whose BN inputs differ by bf16 compute upstream, the mean relative difference is 4.8e-4."""
+    res = torchrun(WORKER, "bn", "200", nproc=1)
+    assert res["dtypes"] == ["torch.float32"]
+    assert res["moved"] > 1.0  # the statistics really left their 0/1 start
+    assert res["vs_fp32_bn_same_inputs_max_rel"] < 1e-5
+    assert res["vs_fp32_run_mean_rel"] < 1e-3
+
+
+@pytest.mark.multiproc
+def test_two_ranks_hold_identical_batchnorm_statistics_after_eval(synthetic_root, tmp_path):
+    """Each rank sees other images, so BN statistics drift apart; the trainer averages them (model and EMA) before
+    every eval and save. The run also watches every torch.distributed call: none of this project's modules may
+    call one directly or hand it a tensor off the rank's device."""
+    res = torchrun(Path(__file__).with_name("trainer_worker.py"), str(synthetic_root), str(tmp_path / "run"))
+    assert res["status"] == "FINISHED"
+    assert res["bn_buffers"] == 56 and res["bn_identical"]
+    assert res["violations"] == []

@@ -1,0 +1,165 @@
+"""What survives what (docs/training.md): real trainer processes meet a second trainer, SIGTERM, Ctrl-C, a NaN, a full
+disk, a planted pickle, unreadable checkpoints and a changed config. Each fault ends in one clear line and a run
+directory that still resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import finish, output, start_training, tiny_run, train
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, output(proc)[-3000:]
+        assert time.time() < deadline, output(proc)[-3000:]
+        time.sleep(0.05)
+
+
+def mlflow_status(db: Path) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sovit").experiment_id])
+    return run.info.status
+
+
+def long_run(root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return tiny_run(root, run_dir, 400, "schedule.epochs=40", *extra)
+
+
+def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_not_stale(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    first = start_training(long_run(synthetic_root, run_dir), tmp_path, start_new_session=True)
+    wait_for(lambda: (run_dir / "latest").exists(), first)
+    out = train(long_run(synthetic_root, run_dir), tmp_path, returncode=2)
+    assert f"error: {run_dir} is in use by another training process (host " in out
+    assert f"pid {first.pid}" in out and "Traceback" not in out
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    resumed_at = int((run_dir / "latest").read_text()[-8:])
+    out = train(tiny_run(synthetic_root, run_dir, resumed_at + 1, "schedule.epochs=40"), tmp_path)
+    assert f"resuming at step {resumed_at}" in out
+
+
+def test_sigterm_saves_the_next_step_and_ends_the_mlflow_run_killed(synthetic_root, tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    proc = start_training(long_run(synthetic_root, run_dir, f"tracking.uri=sqlite:///{db}",
+                                   "tracking.system_metrics=false"), tmp_path)
+    wait_for(lambda: (run_dir / "latest").exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    out = finish(proc, returncode=143)
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["status"] == "KILLED" and final["signal"] == "SIGTERM"
+    assert (run_dir / "latest").read_text() == f"step_{final['step']:08d}"  # the stop step itself was saved
+    assert "Traceback" not in out
+    assert mlflow_status(db) == "KILLED"
+
+
+def test_ctrl_c_saves_and_prints_one_line_not_a_traceback(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start_training(long_run(synthetic_root, run_dir), tmp_path)
+    wait_for(lambda: (run_dir / "latest").exists(), proc)
+    proc.send_signal(signal.SIGINT)
+    out = finish(proc, returncode=130)
+    assert "interrupted: saving at the next step check" in out and "Traceback" not in out
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert (run_dir / "latest").read_text() == f"step_{final['step']:08d}"
+
+
+def test_a_nan_loss_exits_non_zero_and_fails_the_mlflow_run(synthetic_root, tmp_path):
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+    out = train(tiny_run(synthetic_root, run_dir, 12, "optim.lr=1e30", "ema.enabled=false",
+                         f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false"), tmp_path, returncode=1)
+    assert "error: loss is nan at optimizer step" in out or "error: loss is inf at optimizer step" in out
+    assert json.loads((run_dir / "final_metrics.json").read_text())["status"] == "FAILED"
+    assert not (run_dir / "latest").exists()  # nothing NaN was saved as a checkpoint
+    assert mlflow_status(db) == "FAILED"
+
+
+def test_checkpoints_none_of_which_load_are_an_error_not_a_restart(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(synthetic_root, run_dir, 6), tmp_path)
+    for tag in ("step_00000003", "step_00000006"):
+        f = run_dir / tag / "mp_rank_00_model_states.pt"
+        f.write_bytes(f.read_bytes()[:500])
+    before = sorted(p.name for p in run_dir.iterdir())
+    out = train(tiny_run(synthetic_root, run_dir, 9), tmp_path, returncode=2)
+    line = next(x for x in out.splitlines() if x.startswith("error:"))
+    assert f"{run_dir} holds checkpoints but none loads: step_00000006 (" in line and "step_00000003 (" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "latest").read_text() == "step_00000006"
+
+
+def test_a_planted_pickle_never_runs(synthetic_root, tmp_path):
+    """A model-states file whose unpickling would create a marker file: resume refuses it, nothing executes."""
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    train(tiny_run(synthetic_root, run_dir, 3, "checkpoint.keep_last=1"), tmp_path)
+    planted = run_dir / "step_00000003" / "mp_rank_00_model_states.pt"
+    subprocess.run(["python3", "-c", f"""
+import os, pickle, zipfile
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+with zipfile.ZipFile("{planted}", "w") as z:
+    z.writestr("archive/data.pkl", pickle.dumps({{"module": Payload()}}, protocol=2))
+    z.writestr("archive/version", "3\\n")
+"""], check=True)
+    out = train(tiny_run(synthetic_root, run_dir, 6), tmp_path, returncode=2)
+    assert "holds foreign objects (posix.system)" in out or "holds foreign objects (os.system)" in out
+    assert not marker.exists()
+
+
+def test_a_finished_run_is_not_trained_again_and_keeps_its_result(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(synthetic_root, run_dir, 6), tmp_path)
+    final = (run_dir / "final_metrics.json").read_bytes()
+    stamp = (run_dir / "step_00000006" / "mp_rank_00_model_states.pt").stat().st_mtime_ns
+    out = train(tiny_run(synthetic_root, run_dir, 6), tmp_path)
+    assert f"{run_dir} already finished at step 6" in out
+    assert (run_dir / "final_metrics.json").read_bytes() == final
+    assert (run_dir / "step_00000006" / "mp_rank_00_model_states.pt").stat().st_mtime_ns == stamp
+
+
+def test_resuming_with_another_arch_or_batch_is_refused_naming_the_differences(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(synthetic_root, run_dir, 3), tmp_path)
+    out = train(tiny_run(synthetic_root, run_dir, 6, "model.arch=sovit_10", "train.global_batch_size=8"), tmp_path,
+                returncode=2)
+    assert "model.arch 'sovit_7' -> 'sovit_10'" in out and "train.global_batch_size 4 -> 8" in out
+    assert not (run_dir / "step_00000006").exists()
+
+
+def test_without_a_run_dir_each_run_gets_its_own(synthetic_root, tmp_path):
+    args = tiny_run(synthetic_root, Path("unused"), 1)
+    i = args.index("checkpoint.run_dir=unused")
+    del args[i - 1:i + 1]
+    for _ in range(2):
+        proc = start_training(args, tmp_path / "logs", cwd=tmp_path)
+        finish(proc)
+        time.sleep(1.1)  # the default name has one-second resolution
+    assert len(list((tmp_path / "runs").glob("sovit_7-*"))) == 2
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
+def test_a_full_disk_gives_one_line_and_leaves_no_partial_checkpoint(synthetic_root, tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
+    try:
+        run_dir = disk / "run"
+        out = train(tiny_run(synthetic_root, run_dir, 3), tmp_path, returncode=2)
+        line = next(x for x in out.splitlines() if x.startswith("error:"))
+        assert f"could not save checkpoint step_00000003 in {run_dir}:" in line
+        assert "MiB needed" in line and "MiB free" in line and "Traceback" not in out
+        assert not list(run_dir.glob("step_*"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    shutil.rmtree(disk)
