@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.trainer import run
 
     try:
-        result = run(config_from_args(args))
+        cfg = config_from_args(args)
+        result = run(cfg)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: stopped without saving; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)
         return 130
-    if result.requeue and os.environ.get("SLURM_JOB_ID") and int(os.environ.get("RANK", "0")) == 0:
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if result.requeue and os.environ.get("SLURM_JOB_ID") and main_rank:
         requeue_self()
+    elif main_rank and result.status in ("FINISHED", "KILLED"):
+        print(result.summary(cfg.data.val), flush=True)
     return 130 if result.signal == "SIGINT" else EXIT_CODES[result.status]
 
 

@@ -13,9 +13,14 @@ so a test suite on gloo cannot see that bug. Every collective of this project's 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,15 +84,28 @@ def init() -> DistInfo:
         device, backend = torch.device("cuda", local_rank), "nccl"
         torch.cuda.set_device(device)
     else:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
         device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(cpu_threads(local_world))
+        _quiet_cpu_deepspeed(rank)
     global _DEVICE
     _DEVICE = device
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully" on every start
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(rank, local_rank, world, local_world, device, backend)
+
+
+def _quiet_cpu_deepspeed(rank: int) -> None:
+    """Name DeepSpeed's accelerator instead of letting every rank warn that it fell back to the CPU, keep torch's
+    "No CUDA runtime is found" to itself, and build DeepSpeed's CPU communication op once per venv: in the shared
+    ~/.cache it is rebuilt (minutes, silently) whenever the venv path changes."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    ext_dir = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    if rank == 0 and not any(ext_dir.glob("**/deepspeed_shm_comm*.so")):
+        print(f"building DeepSpeed's CPU communication op into {ext_dir} (once per environment; takes a few minutes)",
+              flush=True)
 
 
 def shutdown() -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import deepspeed
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -63,6 +62,8 @@ def build_optimizer(cfg: RunConfig, model: torch.nn.Module, device: torch.device
 def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, updates_per_epoch: int,
                  load_universal: bool = False):
     """Wrap ``model`` (already on its device) in a DeepSpeed engine with AdamW and the cosine schedule."""
+    import deepspeed  # here, not at import: distributed.init() picks DeepSpeed's accelerator first
+
     device = next(model.parameters()).device
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)

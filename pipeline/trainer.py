@@ -19,6 +19,7 @@ or FAILED.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -54,8 +55,9 @@ class TrainState:
     batch: int = 0  # micro-batches of this epoch this rank has consumed
     step: int = 0  # optimizer steps
     accum: int = 1  # micro-batches per optimizer step when saved (elastic resume converts positions)
-    best_top1: float | None = None
+    best_top1: float | None = None  # what picks best.safetensors: the EMA's top-1 when there is an EMA
     best_epoch: int | None = None
+    best_eval: dict[str, float] = field(default_factory=dict)  # that evaluation: top1, top5, ema_top1, ...
     mlflow_run_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -77,6 +79,7 @@ class RunResult:
     mlflow_run_id: str | None = None
     best_top1: float | None = None
     best_epoch: int | None = None
+    best_eval: dict[str, float] = field(default_factory=dict)
     val: dict[str, float] = field(default_factory=dict)  # the last evaluation: top1, top5, loss, ema_top1, ...
     message: str = ""
     signal: str | None = None  # the stop signal this rank received: SIGUSR1, SIGTERM or SIGINT
@@ -84,6 +87,22 @@ class RunResult:
     @property
     def requeue(self) -> bool:
         return self.status == "STOPPED"
+
+    def summary(self, val_data: str, link: str | None = None) -> str:
+        """What a user needs at the end: the best result, where its weights are, and the next commands."""
+        run_dir, py = Path(self.run_dir), _python()
+        lines = [f"{self.status.lower()} at step {self.step} (epoch {self.epoch}), run dir {run_dir}"]
+        ema = self.best_eval.get("ema_top1")
+        if self.best_eval:
+            lines.append(f"  best     top-1 {self.best_eval['top1']:.2f}"
+                         + (f", EMA top-1 {ema:.2f}" if ema is not None else "") + f" at epoch {self.best_epoch}")
+        if (run_dir / "best.safetensors").exists():
+            which = "the EMA's" if ema is not None else "the model's"
+            lines.append(f"  weights  {run_dir / 'best.safetensors'} ({which} best, with its config)")
+        lines += [f"  export   {py} launchers/export.py {run_dir} --out {run_dir / 'export'}",
+                  f"  evaluate {py} launchers/evaluate.py --checkpoint {run_dir / 'export'} --data {val_data}",
+                  f"  curves   {run_dir / 'summary.csv'}, {run_dir / 'metrics.jsonl'}" + (f", {link}" if link else "")]
+        return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -304,6 +323,7 @@ class Trainer:
         score = results.get("ema_top1", results["top1"])
         if state.best_top1 is None or score > state.best_top1:
             state.best_top1, state.best_epoch = score, state.epoch
+            state.best_eval = {k: v for k, v in results.items() if "samples" not in k}
             self._save_best()
         if self.info.is_main:
             ema_txt = f", EMA top-1 {results['ema_top1']:.2f}" if self.ema is not None else ""
@@ -364,7 +384,7 @@ class Trainer:
         return RunResult(status="FINISHED", step=self.state.step, epoch=self.state.epoch,
                          world_size=self.info.world_size, run_dir=str(self.run_dir),
                          mlflow_run_id=self.tracker.run_id, best_top1=self.state.best_top1,
-                         best_epoch=self.state.best_epoch,
+                         best_epoch=self.state.best_epoch, best_eval=self.state.best_eval,
                          val={k.removeprefix("val_"): v for k, v in stored.items() if k.startswith("val_")},
                          message="already finished")
 
@@ -391,7 +411,8 @@ class Trainer:
             print(f"error: {message}", file=sys.stderr, flush=True)
         result = RunResult(status=status, step=state.step, epoch=state.epoch, world_size=info.world_size,
                            run_dir=str(self.run_dir), mlflow_run_id=self.tracker.run_id, best_top1=state.best_top1,
-                           best_epoch=state.best_epoch, val=self.last_eval, message=message, signal=stopped_by)
+                           best_epoch=state.best_epoch, best_eval=state.best_eval, val=self.last_eval,
+                           message=message, signal=stopped_by)
         if info.is_main:
             checkpoint.write_json(self.run_dir / "final_metrics.json", result.to_json())
             for artifact in (self.run_dir / "config.yaml", self.run_dir / "final_metrics.json",
@@ -461,6 +482,14 @@ def _check_fixed_keys(cfg: RunConfig, run_dir: Path) -> None:
     if diffs:
         raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(diffs)}): use a new "
                           "checkpoint.run_dir, or --set checkpoint.allow_config_change=true to resume anyway")
+
+
+def _python() -> str:
+    """The interpreter to put in printed commands: ``.venv/bin/python`` as the user would type it."""
+    exe = Path(sys.executable)
+    with contextlib.suppress(ValueError):
+        return str(exe.relative_to(Path.cwd()))
+    return str(exe)
 
 
 def _progress(total: int, initial: int, enabled: bool, **kw):
