@@ -475,11 +475,12 @@ class MlflowCourier:
 
 
 def _refused(e: Exception) -> bool:
-    """MLflow answered, and retrying the same request cannot help (bad value, unknown run, changed param)."""
+    """MLflow answered, and retrying the same request cannot help (bad value, unknown run, changed param). Not so
+    for a refused login (401/403: a token to renew), a timeout (408) or throttling (429): those are retried."""
     from mlflow.exceptions import MlflowException
 
     code = e.get_http_status_code() if isinstance(e, MlflowException) else 0
-    return 400 <= code < 500 and code != 429
+    return 400 <= code < 500 and code not in (401, 403, 408, 429)
 
 
 def start(cfg: RunConfig, rank: int, run_id: str | None = None, tags: dict[str, str] | None = None,
