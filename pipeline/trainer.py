@@ -83,12 +83,13 @@ class RunResult:
     val: dict[str, float] = field(default_factory=dict)  # the last evaluation: top1, top5, loss, ema_top1, ...
     message: str = ""
     signal: str | None = None  # the stop signal this rank received: SIGUSR1, SIGTERM or SIGINT
+    link: str | None = None  # the run in MLflow's training view
 
     @property
     def requeue(self) -> bool:
         return self.status == "STOPPED"
 
-    def summary(self, val_data: str, link: str | None = None) -> str:
+    def summary(self, val_data: str) -> str:
         """What a user needs at the end: the best result, where its weights are, and the next commands."""
         run_dir, py = Path(self.run_dir), _python()
         lines = [f"{self.status.lower()} at step {self.step} (epoch {self.epoch}), run dir {run_dir}"]
@@ -101,7 +102,9 @@ class RunResult:
             lines.append(f"  weights  {run_dir / 'best.safetensors'} ({which} best, with its config)")
         lines += [f"  export   {py} launchers/export.py {run_dir} --out {run_dir / 'export'}",
                   f"  evaluate {py} launchers/evaluate.py --checkpoint {run_dir / 'export'} --data {val_data}",
-                  f"  curves   {run_dir / 'summary.csv'}, {run_dir / 'metrics.jsonl'}" + (f", {link}" if link else "")]
+                  f"  curves   {run_dir / 'summary.csv'}, {run_dir / 'metrics.jsonl'}"]
+        if self.link:
+            lines.append(f"  MLflow   {self.link}")
         return "\n".join(lines)
 
     def to_json(self) -> dict[str, Any]:
@@ -199,6 +202,9 @@ class Trainer:
         self.tracker = tracking.start(cfg, rank, run_id=self.state.mlflow_run_id, world_size=world,
                                       jsonl=run_dir / "metrics.jsonl")
         self.state.mlflow_run_id = self.tracker.run_id
+        if cfg.data.loader == "ffcv":
+            for split in ("train", "val"):
+                self.tracker.log_dataset(getattr(cfg.data, split), context=split)
         self.meter = metrics.StepMeter(cfg.train.global_batch_size, world, self.flops,
                                        metrics.peak_tflops(cfg.train.peak_tflops, device), device)
         self.last_eval: dict[str, float] = {}
@@ -224,6 +230,17 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------- the loop
 
     def train(self, stop: StopSignals) -> RunResult:
+        """The loop; whatever escapes it (a bug, a second Ctrl-C) still ends the MLflow run, as FAILED or KILLED."""
+        try:
+            return self._train(stop)
+        except KeyboardInterrupt:
+            self.tracker.finish("KILLED")
+            raise
+        except BaseException:
+            self.tracker.finish("FAILED")
+            raise
+
+    def _train(self, stop: StopSignals) -> RunResult:
         cfg, state, info = self.cfg, self.state, self.info
         finished = self._finished_before()
         if finished is not None:
@@ -324,7 +341,8 @@ class Trainer:
         if state.best_top1 is None or score > state.best_top1:
             state.best_top1, state.best_epoch = score, state.epoch
             state.best_eval = {k: v for k, v in results.items() if "samples" not in k}
-            self._save_best()
+            if self._save_best():
+                self.tracker.log_best(self.run_dir / "best.safetensors", score, state.step)
         if self.info.is_main:
             ema_txt = f", EMA top-1 {results['ema_top1']:.2f}" if self.ema is not None else ""
             _write(f"epoch {state.epoch} step {state.step}: val top-1 {results['top1']:.2f} top-5 "
@@ -333,13 +351,14 @@ class Trainer:
         self.last_eval = results
         self.meter.pause(time.perf_counter() - t0)
 
-    def _save_best(self) -> None:
+    def _save_best(self) -> bool:
         """best.safetensors: the EMA weights when there is an EMA (it is what scored), else the model's."""
         if self.ema is None and self.engine.zero_optimization_stage() == 3:
-            return  # partitioned parameters: export the best tag with launchers/export.py instead
+            return False  # partitioned parameters: export the best tag with launchers/export.py instead
         if self.info.is_main:
             module = self.ema.module if self.ema is not None else self.engine.module
             export.save_safetensors(module.state_dict(), self.cfg, self.run_dir / "best.safetensors")
+        return True
 
     def _save(self, losses: list[torch.Tensor]) -> None:
         """Checkpoint this step on every rank; the loss since the last log is checked first, so a NaN never
@@ -392,6 +411,7 @@ class Trainer:
         cfg, info, state = self.cfg, self.info, self.state
         if not info.is_main:
             return
+        link = self.tracker.ui_link()
         steps = f"{self.updates_per_epoch} steps/epoch x {engine.total_epochs(cfg)} epochs"
         if self.max_steps < engine.total_epochs(cfg) * self.updates_per_epoch:
             steps = f"{self.max_steps} steps (train.max_steps; {steps})"
@@ -399,7 +419,7 @@ class Trainer:
         print(f"{what}: {cfg.model.arch}, {info.world_size} rank(s) on {info.device.type} ({info.backend}), "
               f"{cfg.train.precision}, {steps}, global batch {cfg.train.global_batch_size} = "
               f"{cfg.data.micro_batch_size} x {info.world_size} ranks x {self.accum} accumulation, "
-              f"run dir {self.run_dir}", flush=True)
+              f"run dir {self.run_dir}" + (f"\nMLflow: {link}" if link else ""), flush=True)
 
     def _latest(self) -> str:
         tags = checkpoint.complete_tags(self.run_dir)
@@ -412,7 +432,7 @@ class Trainer:
         result = RunResult(status=status, step=state.step, epoch=state.epoch, world_size=info.world_size,
                            run_dir=str(self.run_dir), mlflow_run_id=self.tracker.run_id, best_top1=state.best_top1,
                            best_epoch=state.best_epoch, best_eval=state.best_eval, val=self.last_eval,
-                           message=message, signal=stopped_by)
+                           message=message, signal=stopped_by, link=self.tracker.ui_link())
         if info.is_main:
             checkpoint.write_json(self.run_dir / "final_metrics.json", result.to_json())
             for artifact in (self.run_dir / "config.yaml", self.run_dir / "final_metrics.json",

@@ -52,7 +52,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_is_not_stale(synthet
 
 def test_sigterm_saves_the_next_step_and_ends_the_mlflow_run_killed(synthetic_root, tmp_path):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
-    proc = start_training(long_run(synthetic_root, run_dir, f"tracking.uri=sqlite:///{db}",
+    proc = start_training(long_run(synthetic_root, run_dir, "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
                                    "tracking.system_metrics=false"), tmp_path)
     wait_for(lambda: (run_dir / "latest").exists(), proc)
     proc.send_signal(signal.SIGTERM)
@@ -78,7 +78,8 @@ def test_ctrl_c_saves_and_prints_one_line_not_a_traceback(synthetic_root, tmp_pa
 def test_a_nan_loss_exits_non_zero_and_fails_the_mlflow_run(synthetic_root, tmp_path):
     run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
     out = train(tiny_run(synthetic_root, run_dir, 12, "optim.lr=1e30", "ema.enabled=false",
-                         f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false"), tmp_path, returncode=1)
+                         "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
+                         "tracking.system_metrics=false"), tmp_path, returncode=1)
     assert "error: loss is nan at optimizer step" in out or "error: loss is inf at optimizer step" in out
     assert json.loads((run_dir / "final_metrics.json").read_text())["status"] == "FAILED"
     assert not (run_dir / "latest").exists()  # nothing NaN was saved as a checkpoint
