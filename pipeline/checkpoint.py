@@ -343,12 +343,16 @@ def resume(engine, run_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
             meta = saved_meta(run_dir, tag)
             if not meta:
                 raise CheckpointError(f"{run_dir / tag / 'meta.json'} is missing or corrupt")
-            check_tag_safe(run_dir / load_tag)
+            check_tag_safe(run_dir / tag)
+            if universal:
+                check_tag_safe(run_dir / load_tag)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*weights_only.*")
                 _, client_state = engine.load_checkpoint(str(run_dir), tag=load_tag, load_lr_scheduler_states=False)
             if client_state is None:
                 raise CheckpointError("DeepSpeed found no model state in it")
+            if universal:
+                _load_buffers(engine.module, run_dir / tag)
             if meta["world_size"] == world:
                 rank_state = torch.load(run_dir / tag / f"rank{rank:05d}.pt", weights_only=True)
             ok = True
@@ -365,6 +369,17 @@ def resume(engine, run_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
         raise CheckpointError(f"{run_dir} holds checkpoints but none loads: {'; '.join(failures)}. Nothing was "
                               "changed; to start over, pick a new checkpoint.run_dir")
     return None
+
+
+def _load_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
+    """A universal checkpoint carries parameters and optimizer state only: BatchNorm statistics (and any other
+    buffer) come from the original tag's model states, or an elastic resume would restart them from scratch."""
+    states = torch.load(sorted(tag_dir.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
+    saved = states.get("module") or {}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name])
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -68,7 +68,7 @@ def test_two_ranks_hold_identical_batchnorm_statistics_after_eval(synthetic_root
     """Each rank sees other images, so BN statistics drift apart; the trainer averages them (model and EMA) before
     every eval and save. The run also watches every torch.distributed call: none of this project's modules may
     call one directly or hand it a tensor off the rank's device."""
-    res = torchrun(Path(__file__).with_name("trainer_worker.py"), str(synthetic_root), str(tmp_path / "run"))
+    res = torchrun(Path(__file__).with_name("trainer_worker.py"), "train", str(synthetic_root), str(tmp_path / "run"))
     assert res["status"] == "FINISHED"
     assert res["bn_buffers"] == 56 and res["bn_identical"]
     assert res["violations"] == []

@@ -1,6 +1,8 @@
-"""Run under torchrun by tests/test_trainer.py: a short training through ``pipeline.trainer`` on every rank, with
-every ``torch.distributed`` collective watched. Prints (rank 0) whether the ranks hold identical BatchNorm
-statistics after the final eval, and every collective call that broke the device contract."""
+"""Run under torchrun by tests/test_engine.py and tests/test_resume_elastic.py, with ``pipeline.trainer`` on every
+rank. ``train ROOT RUN_DIR``: a short training with every ``torch.distributed`` collective watched; prints (rank 0)
+whether the ranks hold identical BatchNorm statistics after the final eval, and every collective call that broke
+the device contract. ``resumed RUN_DIR OVERRIDES_JSON``: builds the trainer (which resumes, elastically when the
+world size changed) and prints how far its weights are from the consolidated weights of the tag it resumed."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import distributed, trainer
+from pipeline import checkpoint, distributed, trainer
 from pipeline.config import load_config
 
 LIBRARY = Path(trainer.__file__).resolve().parent.parent
@@ -40,8 +42,7 @@ def watch_collectives() -> list[str]:
     return violations
 
 
-def main() -> None:
-    root, run_dir = Path(sys.argv[1]), Path(sys.argv[2])
+def train(root: Path, run_dir: Path) -> dict:
     cfg = load_config(overrides=[
         "model.arch=sovit_7", "model.img_size=32", "data.img_size=32", "model.num_classes=4",
         "data.loader=torchvision", f"data.train={root / 'train'}", f"data.val={root / 'val'}",
@@ -60,10 +61,28 @@ def main() -> None:
              for k, v in module.state_dict().items() if "running_" in k}
     gathered = [None] * info.world_size
     dist.all_gather_object(gathered, stats)
-    if info.rank == 0:
-        identical = all(torch.equal(gathered[0][k], other[k]) for other in gathered[1:] for k in stats)
-        print("RESULT " + json.dumps({"status": result.status, "bn_identical": identical, "bn_buffers": len(stats),
-                                      "violations": violations}), flush=True)
+    identical = all(torch.equal(gathered[0][k], other[k]) for other in gathered[1:] for k in stats)
+    return {"status": result.status, "bn_identical": identical, "bn_buffers": len(stats), "violations": violations}
+
+
+def resumed(run_dir: Path, overrides: list[str]) -> dict:
+    """ZeRO-1 keeps whole parameters on every rank, so rank 0's module holds the resumed weights."""
+    cfg = load_config(overrides=overrides)
+    info = distributed.init()
+    tag = checkpoint.ordered_tags(run_dir)[0]
+    t = trainer.Trainer(cfg, info, run_dir)
+    saved = checkpoint.consolidated_state_dict(run_dir, tag=tag)
+    now = {k: v.detach().float() for k, v in t.engine.module.state_dict().items()}
+    return {"tag": tag, "step": t.state.step, "keys_equal": saved.keys() == now.keys(),
+            "max_abs_diff": max((saved[k] - now[k]).abs().max().item() for k in saved)}
+
+
+def main() -> None:
+    mode = sys.argv[1]
+    out = train(Path(sys.argv[2]), Path(sys.argv[3])) if mode == "train" else \
+        resumed(Path(sys.argv[2]), json.loads(sys.argv[3]))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print("RESULT " + json.dumps(out), flush=True)
     distributed.shutdown()
 
 
