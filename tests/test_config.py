@@ -50,6 +50,9 @@ BAD = [
     ([], ["train.global_batch_size=100", "data.micro_batch_size=32"], "train.global_batch_size=100 is invalid"),
     (["nope.yaml"], [], "config file 'nope.yaml' not found"),
     ([], ["optim.lr"], "override 'optim.lr' is invalid: expected section.key=value"),
+    ([], ["optim.lr=.inf"], "optim.lr=inf is invalid: expected a finite number"),
+    ([], ["optim.lr=.nan"], "optim.lr=nan is invalid: expected a finite number"),
+    ([], ["data.scale=[0.1, 1"], "override 'data.scale=[0.1, 1' is invalid: its value is not valid YAML"),
 ]
 
 
@@ -63,6 +66,12 @@ def test_bad_configs_are_one_clear_line(files, sets, message):
 def test_global_batch_must_divide_by_world_size():
     with pytest.raises(ConfigError, match=r"micro_batch_size x world size = 32 x 3 = 96"):
         load_config(["arch/sovit_7"], world_size=3)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin1.yaml").write_bytes("optim:\n  lr: 1.0e-3  # \xe9t\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=f"config {tmp_path / 'latin1.yaml'} is not UTF-8 text"):
+        load_config([tmp_path / "latin1.yaml"])
 
 
 def test_yaml_errors(tmp_path):
