@@ -44,15 +44,20 @@ def test_rank_indices_are_disjoint_complete_and_equal(world, n):
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("world", [2, 3])
 def test_val_shards_cover_every_sample_once_and_train_lengths_match(loader, world, synthetic_root, synthetic_betons):
+    """Identity, not just labels: each val image (its eval-transformed pixels) is seen exactly once across the
+    ranks, as in a single-rank pass."""
     cfg = cfg_for(loader, synthetic_root, synthetic_betons)
-    labels, lengths = [], []
-    for rank in range(world):
+
+    def samples(rank: int, world: int) -> list[tuple[int, bytes]]:
         val = data_loaders.build(cfg, "val", rank, world, CPU, num_classes=4)
-        got = [y.clone() for _, y in val]  # FFCV cycles through a few output buffers
+        got = [(x.clone(), y.clone()) for x, y in val]  # FFCV cycles through a few output buffers
         assert len(got) == len(val)
-        labels += torch.cat(got).tolist()
-        lengths.append(len(data_loaders.build(cfg, "train", rank, world, CPU, num_classes=4)))
-    assert sorted(labels) == sorted([c for c in range(4) for _ in range(5)])  # 20 val images, each once
+        return [(int(y), x.numpy().tobytes()) for xs, ys in got for x, y in zip(xs, ys, strict=True)]
+
+    everything = sorted(samples(0, 1))
+    assert len(everything) == 20 and len({x for _, x in everything}) == 20  # 20 distinct val images
+    assert sorted(s for rank in range(world) for s in samples(rank, world)) == everything
+    lengths = [len(data_loaders.build(cfg, "train", rank, world, CPU, num_classes=4)) for rank in range(world)]
     assert len(set(lengths)) == 1 and lengths[0] == (48 // world) // 4
 
 
