@@ -1,0 +1,50 @@
+"""What a user sees from a finished run: the starting line, eval lines on their own lines, the end-of-run summary
+with the best result, its weights and the next commands, summary.csv, and a gradient norm on every logged step."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import torch
+from conftest import TRAIN, tiny_run
+
+from pipeline import metrics
+
+
+def test_a_finished_run_says_what_it_achieved_and_what_to_do_next(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, run_dir, 18, "train.log_every_steps=3",
+                                                                 "train.eval_every_epochs=1")],
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout.splitlines()
+    assert out[0].startswith("starting: sovit_7, 1 rank(s) on cpu") and "18 steps (train.max_steps;" in out[0]
+    evals = [line for line in out if line.startswith("epoch ")]
+    assert [e.split(":")[0] for e in evals] == ["epoch 1 step 12", "epoch 1 step 18"]
+    best = next(line for line in out if line.strip().startswith("best "))
+    assert "top-1" in best and "EMA top-1" in best and "at epoch 1" in best
+    assert f"weights  {run_dir / 'best.safetensors'}" in proc.stdout
+    assert f"launchers/export.py {run_dir} --out {run_dir / 'export'}" in proc.stdout
+    assert f"launchers/evaluate.py --checkpoint {run_dir / 'export'} --data {synthetic_root / 'val'}" in proc.stdout
+    with open(run_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["step"]) for r in rows] == [("1", "12"), ("1", "18")]
+    assert {"val_top1", "val_top5", "val_loss", "val_ema_top1"} <= rows[0].keys()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "train/loss" in r]
+    assert len(logged) == 6 and all(r["train/grad_norm"] > 0 for r in logged)  # ZeRO-0 without clipping too
+
+
+def test_images_per_second_leave_out_eval_and_checkpoint_time(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: now[0])
+    meter = metrics.StepMeter(64, 1, 10**9, None, torch.device("cpu"))
+    meter.step()
+    now[0] = 1.0
+    meter.pause(30.0)  # a 30 s eval and save happened inside the interval...
+    now[0] = 32.0
+    meter.step()
+    assert meter.report()["images_per_s"] == 64.0  # ...and 2 steps of 64 images took 2 s, not 32
