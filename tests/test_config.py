@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_override
+from pipeline.config import ConfigError, load_config, parse_override, save_config
 
 
 @pytest.mark.parametrize("arch", [7, 10, 14, 19])
@@ -102,3 +102,13 @@ def test_rank_environment_from_a_plain_srun_task(monkeypatch):
     export_env()
     assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("3", "1", "4")
     assert os.environ["MASTER_ADDR"] == "node1" and int(os.environ["MASTER_PORT"]) > 1024
+
+
+def test_saved_config_hides_tracking_credentials(tmp_path):
+    from pipeline.tracking import redact
+
+    cfg = load_config(["arch/sovit_7"], ["tracking.uri=http://alice:s3cr3t-TOKEN@mlflow.example:5000"])
+    save_config(cfg, tmp_path / "config.yaml", redact=redact)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "s3cr3t-TOKEN" not in text and "mlflow.example:5000" in text
+    assert cfg.tracking.uri.endswith("s3cr3t-TOKEN@mlflow.example:5000")  # the run itself still connects

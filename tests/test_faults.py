@@ -99,6 +99,15 @@ def test_checkpoints_none_of_which_load_are_an_error_not_a_restart(synthetic_roo
     assert sorted(p.name for p in run_dir.iterdir()) == before and (run_dir / "latest").read_text() == "step_00000006"
 
 
+def test_a_corrupt_meta_json_falls_back_like_any_other_corruption(synthetic_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_run(synthetic_root, run_dir, 6), tmp_path)
+    (run_dir / "step_00000006" / "meta.json").write_text('{"world_size": ')
+    out = train(tiny_run(synthetic_root, run_dir, 7), tmp_path)
+    assert "step_00000006 is unreadable" in out and "meta.json is missing or corrupt" in out
+    assert "resuming at step 3" in out
+
+
 def test_a_planted_pickle_never_runs(synthetic_root, tmp_path):
     """A model-states file whose unpickling would create a marker file: resume refuses it, nothing executes."""
     run_dir, marker = tmp_path / "run", tmp_path / "pwned"
