@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import calculate_drop_path_rates, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -151,7 +151,8 @@ class SoViT(nn.Module):
         self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_patches + 1, embed_dim),
                              persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, proj_drop=drop_rate, attn_drop=attn_drop_rate,
                   drop_path=dpr[i])
@@ -189,6 +190,23 @@ class SoViT(nn.Module):
         return {"cls_token", "pos_embed", "so_pool.svpn_init"}
 
     @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups by depth, as timm's ViT: timm's layer-wise lr decay (``param_groups_layer_decay``) and
+        ``model.group_matcher`` users rely on it. The token embedding is the stem; the final norm joins the last
+        block; the classifiers and the second-order head (unmatched) come last."""
+        return {
+            "stem": r"^cls_token|^pos_embed|^patch_embed",
+            "blocks": r"^blocks\.(\d+)" if coarse else [(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        }
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each transformer block in backward instead of keeping its activations (timm's
+        ``checkpoint_seq``). The convolutional token embedding is not checkpointed: recomputing it would update its
+        BatchNorm running statistics twice per step."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 
@@ -202,6 +220,8 @@ class SoViT(nn.Module):
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.pos_drop(x + self.pos_embed)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return self.norm(checkpoint_seq(self.blocks, x))
         return self.norm(self.blocks(x))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
