@@ -1,64 +1,112 @@
-"""``python launchers/evaluate.py --checkpoint RUN_DIR|weights.safetensors --data VAL [--loader ...]``: top-1/top-5.
+"""``python launchers/evaluate.py --checkpoint CKPT --data VAL``: top-1/top-5 and loss of a run or of its exports.
 
-A run directory is read through ``launchers/export.py`` (its ``latest`` checkpoint, ``--ema`` for the EMA
-weights) with the run's own ``config.yaml``; a .safetensors file needs ``--arch``/``--num-classes``. Runs as one
-process or under torchrun (the val split is sharded and the counts summed).
+CKPT is one of
+  * a run directory: its newest checkpoint that loads (``--ema`` for the EMA weights) with the run's config.yaml;
+  * a folder written by launchers/export.py, or a .safetensors file written by it or by training
+    (``best.safetensors``): these carry the architecture, class count, image size, head and eval transform
+    (mean/std, crop_pct, interpolation), so nothing else is needed.
+``--config``/``--set`` override any key afterwards (e.g. ``--set data.workers=2``). The loader defaults to ffcv
+for a .beton and to the run's folder loader (torchvision unless it was dali) for an ImageFolder. Runs as one
+process or under torchrun (the val split is sharded and the counts summed). Exit codes: 0 evaluated, 2 one
+``error:`` line (bad checkpoint, config or data).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import timm
+if TYPE_CHECKING:
+    import torch
 
-import data_loaders
-import pipeline.models  # noqa: F401  (registers sovit_* with timm)
-from launchers.export import consolidated_state_dict
-from pipeline import distributed, engine
-from pipeline.config import ConfigError, RunConfig, add_config_args, config_from_args, load_config
+    from pipeline.config import RunConfig
 
 
-def evaluate(cfg: RunConfig, state_dict: dict) -> dict[str, float]:
+def load(a: argparse.Namespace) -> tuple[RunConfig, Callable[[], dict[str, torch.Tensor]]]:
+    """The RunConfig of ``--checkpoint`` (any of its three forms) and how to read its weights: consolidating a run's
+    ZeRO shards can take minutes, so it waits until the data has been checked."""
+    from pipeline import export
+    from pipeline.checkpoint import CheckpointError, consolidated_state_dict
+    from pipeline.config import config_from_args, load_config
+
+    ckpt = a.checkpoint
+    if (ckpt / "config.yaml").is_file():
+        cfg = load_config([ckpt / "config.yaml", *a.config], a.overrides)
+        return cfg, lambda: consolidated_state_dict(ckpt, ema=a.ema)
+    if not (ckpt / export.CONFIG).is_file() and not ckpt.is_file():
+        raise CheckpointError(f"--checkpoint {ckpt} is neither a run directory (config.yaml), an exported folder "
+                              "(config.json) nor a .safetensors file")
+    if a.ema:
+        raise CheckpointError(f"--ema needs a run directory; {ckpt} holds one set of weights (export with --ema)")
+    hub, state_dict = export.read_exported(ckpt)
+    if hub is None and not (a.arch or a.config or a.overrides):
+        raise CheckpointError(f"{ckpt} carries no config in its header: re-export it with launchers/export.py, or "
+                              "pass --arch N --set model.img_size=S --set model.num_classes=C")
+    a.overrides = [*(export.hub_overrides(hub) if hub else []), *a.overrides]  # the user's --set wins
+    return config_from_args(a), lambda: state_dict
+
+
+def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> dict[str, float]:
+    import timm
+
+    import data_loaders
+    from pipeline import distributed, engine
+    from pipeline.checkpoint import CheckpointError
+
+    m = cfg.model
     info = distributed.init()
-    loader = data_loaders.build(cfg.data, "val", info.rank, info.world_size, info.device,
-                                num_classes=cfg.model.num_classes)
-    model = timm.create_model(cfg.model.arch, num_classes=cfg.model.num_classes, img_size=cfg.model.img_size,
-                              head=cfg.model.head)
-    model.load_state_dict(state_dict)
-    result = engine.evaluate(model.to(info.device), loader, engine.DTYPES["fp32"], info.device)
-    distributed.shutdown()
-    return result
+    try:
+        loader = data_loaders.build(cfg.data, "val", info.rank, info.world_size, info.device,
+                                    num_classes=m.num_classes)
+        model = timm.create_model(m.arch, num_classes=m.num_classes, img_size=m.img_size, head=m.head)
+        state_dict = weights()  # outside the try: CheckpointError is a RuntimeError too
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as e:  # the first line only says "Error(s) in loading state_dict"; the second names it
+            detail = textwrap.shorten((str(e).splitlines()[1:] or [str(e)])[0], 240)
+            raise CheckpointError(f"the weights do not fit {m.arch} with num_classes={m.num_classes}, "
+                                  f"head={m.head!r}: {detail}") from None
+        return engine.evaluate(model.to(info.device), loader, "fp32", info.device)
+    finally:
+        distributed.shutdown()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="launchers/evaluate.py", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, required=True, help="a run directory or a .safetensors file")
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import add_config_args  # yaml only: --help stays instant
+
+    p = argparse.ArgumentParser(prog="launchers/evaluate.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="a run directory, an exported folder or a .safetensors file")
     p.add_argument("--data", required=True, help="the val split: a .beton (ffcv) or an ImageFolder directory")
-    p.add_argument("--loader", choices=["ffcv", "dali", "torchvision"], help="default: the run's loader")
+    p.add_argument("--loader", choices=["ffcv", "dali", "torchvision"], help="default: see below")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run directory")
     add_config_args(p)
     a = p.parse_args(argv)
-    try:
-        if a.checkpoint.is_dir():
-            files = [a.checkpoint / "config.yaml", *a.config]
-            cfg = load_config(files, a.overrides)
-            sd = consolidated_state_dict(a.checkpoint, ema=a.ema)
-        else:
-            cfg = config_from_args(a)
-            from safetensors.torch import load_file
 
-            sd = load_file(str(a.checkpoint))
+    from data_loaders import DataError
+    from pipeline.checkpoint import CheckpointError
+    from pipeline.config import ConfigError
+
+    try:
+        cfg, weights = load(a)
+        folder_loader = cfg.data.loader if cfg.data.loader != "ffcv" else "torchvision"
         cfg.data.val = a.data
-        if a.loader:
-            cfg.data.loader = a.loader
-        r = evaluate(cfg, sd)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+        cfg.data.loader = a.loader or ("ffcv" if a.data.endswith(".beton") else folder_loader)
+        r = evaluate(cfg, weights)
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['samples']} images)")
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the summed result
+        print(f"top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['samples']} images)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

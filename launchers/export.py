@@ -1,11 +1,18 @@
-"""``python launchers/export.py RUN_DIR --out model.safetensors``: consolidated fp32 weights of a run.
+"""``python launchers/export.py RUN_DIR --out DIR``: a run's weights as a folder that timm loads by itself.
 
-Reads the checkpoint named by ``latest`` (or ``--tag``). ZeRO 1-3 checkpoints are consolidated with DeepSpeed's
-``get_fp32_state_dict_from_zero_checkpoint`` (the fp32 master weights, whatever the training precision); stage 0
-checkpoints hold the whole module already. ``--ema`` exports the EMA weights instead. The file loads with
+DIR holds timm's local-dir format: ``config.json`` (architecture, class count, image size, head, eval transform)
+and ``model.safetensors`` (fp32). Nothing else is needed to use it:
 
-    timm.create_model("sovit_N", pretrained=True, num_classes=C,
-                      pretrained_cfg_overlay=dict(file="model.safetensors", num_classes=C))
+    import pipeline.models, timm                                    # registers sovit_*
+    model = timm.create_model("local-dir:DIR", pretrained=True)     # pretrained=True loads the weights
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    python launchers/evaluate.py --checkpoint DIR --data VAL
+
+``--out FILE.safetensors`` (or ``--format safetensors``) writes one file carrying the same config in its header,
+as training's ``best.safetensors`` does. The checkpoint read is the newest that loads (a corrupt newest one falls
+back to the previous), or ``--tag``; ZeRO 1-3 shards are consolidated into the fp32 master weights; ``--ema``
+exports the EMA weights. A checkpoint file holding anything but tensors and DeepSpeed's own state is refused
+unopened. Exit codes: 0 written, 2 one ``error:`` line (bad run directory, checkpoint or output path).
 """
 
 from __future__ import annotations
@@ -14,58 +21,48 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
 
-from pipeline.checkpoint import complete_tags
-
-
-def consolidated_state_dict(run_dir: Path, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
-    tags = complete_tags(run_dir)
-    latest = run_dir / "latest"
-    tag = tag or (latest.read_text().strip() if latest.exists() else (tags[0] if tags else None))
-    if tag is None or not (run_dir / tag).is_dir():
-        raise ValueError(f"{run_dir} has no checkpoint {tag or ''}: expected a run directory written by "
-                         "launchers/train.py (with a 'latest' file)")
-    # DeepSpeed's model-states file is a full pickle (config, args) that this run itself wrote
-    states = torch.load(run_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-    if ema:
-        ema_state = states.get("ema")  # the training loop's client state sits at the top level
-        if ema_state is None:
-            raise ValueError(f"{run_dir / tag} holds no EMA weights (ema.enabled was false)")
-        sd = {k.removeprefix("module."): v for k, v in ema_state.items()}
-    elif any((run_dir / tag).glob("*optim_states.pt")) and states.get("ds_version") and _zero_stage(states) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
-        sd.update({k: v for k, v in states["module"].items() if k not in sd})  # buffers (BN statistics)
-    else:
-        sd = states["module"]
-    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
-
-
-def _zero_stage(states: dict) -> int:
-    cfg = states.get("ds_config") or {}
-    return int(cfg.get("zero_optimization", {}).get("stage", 0))
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="launchers/export.py", description=__doc__.splitlines()[0])
-    p.add_argument("run_dir", type=Path)
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors")
-    p.add_argument("--tag", help="checkpoint tag (default: the one in RUN_DIR/latest)")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="launchers/export.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by launchers/train.py")
+    p.add_argument("--out", type=Path, required=True, help="output folder (or FILE.safetensors)")
+    p.add_argument("--format", choices=["local-dir", "safetensors"],
+                   help="default: safetensors when --out ends in .safetensors, else local-dir")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step_00001200 (default: the newest that loads)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     a = p.parse_args(argv)
+    fmt = a.format or ("safetensors" if a.out.suffix == ".safetensors" else "local-dir")
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+    if not a.out.parent.is_dir():
+        return fail(f"--out {a.out}: the folder {a.out.parent} does not exist; create it first")
+    if not (a.run_dir / "config.yaml").is_file():
+        return fail(f"{a.run_dir} is not a run directory (no config.yaml): pass the checkpoint.run_dir of a run")
+
+    from pipeline import export
+    from pipeline.checkpoint import CheckpointError, consolidated_state_dict
+    from pipeline.config import ConfigError, load_config
+
     try:
-        sd = consolidated_state_dict(a.run_dir, a.tag, a.ema)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    tmp = a.out.with_name(f".{a.out.name}.tmp")
-    save_file(sd, str(tmp))
-    tmp.replace(a.out)
-    print(f"wrote {a.out}: {len(sd)} tensors, {sum(v.numel() for v in sd.values()) / 1e6:.2f} M values")
+        cfg = load_config([a.run_dir / "config.yaml"])
+        state_dict = consolidated_state_dict(a.run_dir, a.tag, a.ema)
+        (export.save_local_dir if fmt == "local-dir" else export.save_safetensors)(state_dict, cfg, a.out)
+    except (ConfigError, CheckpointError) as e:
+        return fail(str(e))
+    except OSError as e:  # the output could not be written: an existing folder of other files, disk full, ...
+        return fail(f"could not write {a.out}: {e}")
+    m = cfg.model
+    print(f"wrote {a.out} ({fmt}): {m.arch}, {m.num_classes} classes, {m.img_size} px, head {m.head!r}, "
+          f"{'EMA' if a.ema else 'model'} weights, {sum(v.numel() for v in state_dict.values()) / 1e6:.2f} M values")
+    if fmt == "local-dir":
+        print(f'load it with: import pipeline.models, timm; timm.create_model("local-dir:{a.out}", pretrained=True)')
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
