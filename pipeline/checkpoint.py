@@ -397,9 +397,13 @@ def consolidated_state_dict(run_dir: Path, tag: str | None = None, ema: bool = F
     failures = []
     for name in candidates:
         try:
-            return _consolidate(run_dir, name, ema)
+            weights = _consolidate(run_dir, name, ema)
         except (CheckpointError, OSError, RuntimeError, KeyError, ValueError) as e:
             failures.append(f"{name} ({str(e).splitlines()[0][:200]})")
+            continue
+        if failures:
+            warnings.warn(f"{run_dir}: {'; '.join(failures)} unreadable, read {name} instead", stacklevel=2)
+        return weights
     raise CheckpointError(f"no checkpoint of {run_dir} could be read: {'; '.join(failures)}")
 
 
