@@ -132,5 +132,23 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {out} ({a.classes} classes)")
 
 
+def ensure_demo_data(data, classes: int, per_class: int = 200, val_per_class: int = 50, size: int = 64) -> None:
+    """Make what ``data`` (a DataConfig) names, when missing: the synthetic ImageFolder beside it, and for the ffcv
+    loader its .beton files. ``launchers/submit.py --local`` calls it, so the demo needs no download."""
+    root = Path(data.train).parent
+    if not (root / "train").is_dir():
+        print(f"demo: generating {classes} synthetic classes under {root} ...", flush=True)
+        generate(root, classes=classes, per_class=per_class, size=size, val_per_class=val_per_class, seed=0)
+    if data.loader != "ffcv" or (Path(data.train).exists() and Path(data.val).exists()):
+        return
+    from .base import sidecar_path
+    from .convert import ConvertOptions, convert
+
+    print(f"demo: converting to {data.train} and {data.val} ...", flush=True)
+    for split, path, classes_from in (("train", data.train, None), ("val", data.val, sidecar_path(data.train))):
+        if not Path(path).exists():
+            convert(root / split, path, classes_from=classes_from, options=ConvertOptions(max_resolution=size),
+                    progress=False)
+
 if __name__ == "__main__":
     main()
