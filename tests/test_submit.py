@@ -1,23 +1,31 @@
 """launchers/submit.py without a cluster: the dry-run script agrees with slurm/sovit.sbatch, every bad argument is one
-clear line, a machine without SLURM gets told what to do, and (slow) the embedded demo learns."""
+clear line, a machine without (a configured) SLURM gets told what to do, --local ranks listen on the loopback only
+and a failing rank is one line, and (slow) the embedded demo learns."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+
+from pipeline.slurm import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
 SUBMIT = ROOT / "launchers" / "submit.py"
-sys.path.insert(0, str(ROOT))
-
-from launchers.submit import parse_time  # noqa: E402
-
+BIN = Path(sys.executable).parent
 RESOURCE_FLAGS = ("job-name", "nodes", "ntasks-per-node", "gpus-per-node", "cpus-per-task", "time", "signal")
+# So-ViT-7 at 32 px on the 4-class test set, 2 CPU ranks, 2 steps
+TINY_LOCAL = ["--local", "--arch", "7", "--config", "demo", "--gpus-per-node", "2", "--cpus-per-task", "1",
+              "--set", "model.num_classes=4", "--set", "train.global_batch_size=8", "--set", "data.micro_batch_size=4",
+              "--set", "data.workers=1", "--set", "tracking.system_metrics=false", "--set", "train.max_steps=2"]
 
 
 def run_submit(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 120):
@@ -31,17 +39,24 @@ def sbatch_flags(script: str) -> dict[str, str]:
     return flags
 
 
+def fake_betons(root: Path, classes: int = 1000) -> Path:
+    """Dry runs read the sidecars' class lists, not the .beton files."""
+    root.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        (root / f"{split}.beton").write_bytes(b"")
+        (root / f"{split}.beton.json").write_text(json.dumps({"classes": [f"n{i:05d}" for i in range(classes)],
+                                                              "num_samples": 1}))
+    return root
+
+
 @pytest.fixture(scope="module")
 def fake_dataset(tmp_path_factory) -> Path:
-    """Dry runs check that the files exist, not what is in them."""
-    d = tmp_path_factory.mktemp("imagenet")
-    (d / "train.beton").write_bytes(b"")
-    (d / "val.beton").write_bytes(b"")
-    return d
+    return fake_betons(tmp_path_factory.mktemp("imagenet"))
 
 
 def test_dry_run_for_arch19_on_4_nodes_agrees_with_the_sbatch_template(fake_dataset, tmp_path):
-    r = run_submit("--arch", "19", "--nodes", "4", "--data", str(fake_dataset), "--dry-run", cwd=tmp_path)
+    r = run_submit("--arch", "19", "--nodes", "4", "--cpus-per-task", "10", "--data", str(fake_dataset), "--dry-run",
+                   cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = r.stdout
     script = out[out.index("#!/bin/bash"):out.index("# per-GPU memory")]
@@ -62,22 +77,20 @@ def test_dry_run_for_arch19_on_4_nodes_agrees_with_the_sbatch_template(fake_data
 
 
 def test_dry_run_memory_estimate_shrinks_with_zero_stage(fake_dataset, tmp_path):
-    totals = []
+    states = []
     for stage in (0, 3):
-        r = run_submit("--arch", "7", "--nodes", "2", "--data", str(fake_dataset), "--dry-run",
-                       "--set", f"train.zero_stage={stage}", "--set", "ema.enabled=false", cwd=tmp_path)
+        r = run_submit("--arch", "19", "--nodes", "2", "--cpus-per-task", "10", "--data", str(fake_dataset),
+                       "--dry-run", "--set", f"train.zero_stage={stage}", "--set", "ema.enabled=false", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        params = float(re.search(r"#   parameters\s+([\d.]+) GiB", r.stdout).group(1))
-        optim = float(re.search(r"#   optimizer\s+([\d.]+) GiB", r.stdout).group(1))
-        totals.append((params, optim))
-    (p0, o0), (p3, o3) = totals
-    assert p3 < p0 and o3 < o0 / 8  # stage 3 partitions params and optimizer states over 16 ranks
+        states.append(float(re.search(r"#   model states\s+([\d.]+) GiB", r.stdout).group(1)))
+    assert states[1] < states[0] / 8  # stage 3 partitions weights, gradients and AdamW moments over 16 ranks
 
 
 @pytest.mark.parametrize("args, names", [
     (["--arch", "12"], "--arch '12'"),
     (["--arch", "7", "--nodes", "0"], "--nodes 0"),
     (["--arch", "7", "--gpus-per-node", "0"], "--gpus-per-node 0"),
+    (["--arch", "7", "--cpus-per-task", "0"], "--cpus-per-task 0"),
     (["--arch", "7", "--data", "/no/such/dir"], "--data /no/such/dir"),
     (["--arch", "7"], "no training data"),
     (["--arch", "7", "--time", "soon"], "--time 'soon'"),
@@ -89,6 +102,12 @@ def test_dry_run_memory_estimate_shrinks_with_zero_stage(fake_dataset, tmp_path)
     (["--arch", "19", "--nodes", "3"], "train.global_batch_size=1024"),  # 1024 over 24 ranks x 32 does not divide
     (["--local", "--nodes", "2"], "--nodes 2 with --local"),
     (["--dry-run"], "no model chosen"),
+    # what is written into the sbatch script: a newline there would start a command of its own
+    (["--arch", "7", "--job-name", "x\nrm -rf ~"], "--job-name 'x\\nrm -rf ~'"),
+    (["--arch", "7", "--partition", "gpu\n#SBATCH --uid=0"], "--partition 'gpu\\n#SBATCH --uid=0'"),
+    (["--arch", "7", "--log-dir", "logs\r"], "--log-dir 'logs\\r'"),
+    # the sidecars list 1000 classes
+    (["--arch", "7", "--set", "model.num_classes=10"], "1000 classes but model.num_classes=10"),
 ])
 def test_bad_arguments_are_one_clear_line(args, names, fake_dataset, tmp_path):
     if "--data" not in args and "no training data" not in names and "--local" not in args:
@@ -100,12 +119,83 @@ def test_bad_arguments_are_one_clear_line(args, names, fake_dataset, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written, nothing submitted
 
 
+def test_val_classes_must_match_the_train_sidecar(tmp_path):
+    data = fake_betons(tmp_path / "data")
+    (data / "val.beton.json").write_text(json.dumps({"classes": ["n00000", "n99999"], "num_samples": 1}))
+    r = run_submit("--arch", "7", "--data", str(data), "--dry-run", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "val.beton has class 'n99999' at index 1" in r.stderr, r.stderr
+
+
 def test_without_sbatch_says_how_to_run_locally(fake_dataset, tmp_path):
-    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # the venv only: no sbatch, no srun
+    env = {**os.environ, "PATH": str(BIN)}  # the venv only: no sbatch, no srun
     r = run_submit("--arch", "7", "--data", str(fake_dataset), cwd=tmp_path, env=env, timeout=60)
     assert r.returncode == 2
     line = r.stderr.strip()
     assert "\n" not in line and "sbatch" in line and "--local" in line and "start.sh" in line
+
+
+@pytest.mark.skipif(shutil.which("sbatch") is None, reason="needs sbatch on PATH (apt-get install slurm-wlm)")
+def test_sbatch_without_a_slurm_configuration_is_one_line(fake_dataset, tmp_path):
+    """sbatch exists, its slurm.conf does not: SLURM would retry for 60 s, then submitit raise a traceback."""
+    env = {**os.environ, "SLURM_CONF": str(tmp_path / "missing" / "slurm.conf")}
+    t0 = time.time()
+    r = run_submit("--arch", "7", "--data", str(fake_dataset), "--cpu", cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "SLURM is not reachable" in lines[0] and "SLURM_CONF" in lines[0], r.stderr
+    assert time.time() - t0 < 45
+
+
+def test_console_entry_point_runs_the_launcher(fake_dataset, tmp_path):
+    """setup.sh installs the package (pip install -e .), which puts sovit-* beside the venv's python."""
+    for name in ("sovit-train", "sovit-evaluate", "sovit-export"):
+        assert (BIN / name).is_file(), f"{name} missing: reinstall with .venv/bin/pip install --no-deps -e ."
+    r = subprocess.run([BIN / "sovit-submit", "--arch", "7", "--data", str(fake_dataset), "--local", "--dry-run"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "model:\n  arch: sovit_7" in r.stdout, r.stderr
+
+
+@pytest.mark.multiproc
+def test_local_run_listens_on_the_loopback_only(synthetic_betons, tmp_path):
+    """Two local CPU ranks: the rendezvous store and gloo bind 127.0.0.1, never every interface; the hint names an
+    mlflow that exists."""
+    proc = subprocess.Popen([sys.executable, str(SUBMIT), *TINY_LOCAL, "--data", str(synthetic_betons["train"].parent),
+                             "--run-dir", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    listening = set()
+    while proc.poll() is None:
+        try:
+            procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            for p in procs:
+                listening |= {(c.laddr.ip, p.pid) for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        except psutil.Error:
+            pass  # a process ended while we looked
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    assert len({pid for _, pid in listening}) >= 2, listening  # the launcher's store and the ranks' gloo
+    assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
+    assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["step"] == 2
+    hint = re.search(r"^watch: (\S+) ui --backend-store-uri sqlite:///(\S+)", out, flags=re.M)
+    assert hint and (tmp_path / hint.group(1)).resolve().is_file() and Path(hint.group(2)).is_file(), out
+
+
+@pytest.mark.multiproc
+def test_a_failing_local_rank_is_one_line(synthetic_betons, tmp_path):
+    """A .beton whose sidecar is fine but whose data is not: the ranks fail, the user reads one line and a path."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in synthetic_betons["train"].parent.iterdir():
+        shutil.copy(f, data / f.name)
+    (data / "train.beton").write_bytes(b"\0" * 4096)
+    r = run_submit(*TINY_LOCAL, "--data", str(data), cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    m = re.fullmatch(r"submit\.py: error: rank (\d) failed: DataError: (.+) \(its log and traceback: (\S+)\)",
+                     lines[0])
+    assert m and "train.beton is not a readable .beton" in m.group(2), lines[0]
+    assert (Path(tmp_path, m.group(3)) / "error.json").is_file()
 
 
 @pytest.mark.slow
