@@ -1,4 +1,5 @@
-"""launchers/submit.py against a real SLURM: two nodes in network namespaces (slurm/local-cluster/start.sh --netns 2).
+"""launchers/submit.py against a real SLURM: two nodes in network namespaces (slurm/local-cluster/start.sh --netns 2),
+and beside it the one-node cluster a workstation user starts (start.sh without flags).
 
 Nothing is faked: slurmctld schedules, srun starts one rank per node, gloo talks over the namespaces' bridge, and
 the requeue test lets a real SLURM time limit send the warning signal. The cluster has no accounting, so job
@@ -23,11 +24,12 @@ CLUSTER = ROOT / "slurm" / "local-cluster"
 pytestmark = pytest.mark.slurm
 
 # So-ViT-7 at 32 px on the 4-class test set: 48 train images over 2 ranks, micro-batch 4 -> 3 steps per epoch.
-TINY = ["--arch", "7", "--config", "demo", "--nodes", "2", "--gpus-per-node", "1", "--cpu", "--cpus-per-task", "1",
-        "--interface", "sovit0",
-        "--set", "model.num_classes=4", "--set", "train.global_batch_size=8", "--set", "data.micro_batch_size=4",
-        "--set", "data.workers=1", "--set", "tracking.system_metrics=false", "--set", "train.eval_every_epochs=1000",
-        "--set", "schedule.epochs=1000"]
+TINY_RUN = ["--arch", "7", "--config", "demo", "--cpu",
+            "--set", "model.num_classes=4", "--set", "train.global_batch_size=8", "--set", "data.micro_batch_size=4",
+            "--set", "data.workers=1", "--set", "tracking.system_metrics=false",
+            "--set", "train.eval_every_epochs=1000", "--set", "schedule.epochs=1000"]
+TWO_NODES = ["--nodes", "2", "--gpus-per-node", "1", "--interface", "sovit0"]
+TINY = [*TINY_RUN, *TWO_NODES, "--cpus-per-task", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +46,19 @@ def cluster(tmp_path_factory):
 
 
 def submit(env: dict, workdir: Path, *args: str) -> str:
-    r = subprocess.run([sys.executable, str(ROOT / "launchers" / "submit.py"), *args], cwd=workdir, env=env,
-                       capture_output=True, text=True, timeout=120)
+    return submit_and_print(env, workdir, *args)[0]
+
+
+def submit_and_print(env: dict, workdir: Path, *args: str) -> tuple[str, str]:
+    """(job id, what submit.py printed)."""
+    r = run_submit(env, workdir, *args)
     assert r.returncode == 0, r.stdout + r.stderr
-    return re.search(r"submitted job (\d+)", r.stdout).group(1)
+    return re.search(r"submitted job (\d+)", r.stdout).group(1), r.stdout
+
+
+def run_submit(env: dict, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launchers" / "submit.py"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=120)
 
 
 def job_info(env: dict, job: str) -> dict[str, str]:
@@ -81,9 +92,8 @@ def test_two_nodes_train_one_run(cluster, synthetic_betons, tmp_path):
     data = synthetic_betons["train"].parent
     args = [*TINY, "--data", str(data), "--run-dir", "run", "--log-dir", "logs", "--time", "10",
             "--set", "train.max_steps=4", "--set", "tracking.experiment=two-nodes"]
-    dry = subprocess.run([sys.executable, str(ROOT / "launchers" / "submit.py"), *args, "--dry-run"], cwd=tmp_path,
-                         env=cluster, capture_output=True, text=True, timeout=120)
-    job = submit(cluster, tmp_path, *args)
+    dry = run_submit(cluster, tmp_path, *args, "--dry-run")
+    job, printed = submit_and_print(cluster, tmp_path, *args)
     info = lambda: job_info(cluster, job)
     wait_for(lambda: info().get("JobState") == "COMPLETED", 300, "job COMPLETED", cluster, job, tmp_path / "logs")
 
@@ -99,6 +109,47 @@ def test_two_nodes_train_one_run(cluster, synthetic_betons, tmp_path):
     assert (run / "latest").is_file()
     _, runs = mlflow_runs(tmp_path / "mlflow.db", "two-nodes")
     assert len(runs) == 1 and runs[0].data.tags["world_size"] == "2" and runs[0].data.tags["slurm_job_id"] == job
+    # the printed hints: the file to tail holds rank 0's progress bar, the mlflow named is an executable
+    assert "4/4" in Path(re.search(r"tail -f (\S+)", printed).group(1)).read_text()
+    assert os.access(re.search(r"^\s+(\S+) ui --backend-store-uri", printed, flags=re.M).group(1), os.X_OK)
+
+
+def test_tasks_are_sized_from_the_nodes(cluster, synthetic_betons, tmp_path):
+    """--cpus-per-task comes from sinfo (the nodes' CPUs over their ranks); what no node has is refused, and so
+    is a GPU request on nodes without GPUs: SLURM would leave either job pending forever."""
+    cpus = os.cpu_count()  # start.sh gives every node all of this machine's CPUs
+    args = [*TINY_RUN, *TWO_NODES, "--data", str(synthetic_betons["train"].parent), "--dry-run"]
+    r = run_submit(cluster, tmp_path, *args)
+    assert r.returncode == 0 and f"#SBATCH --cpus-per-task={cpus}\n" in r.stdout, r.stderr
+    for bad, names in ((["--cpus-per-task", str(cpus + 1)], f"at most {cpus}"),
+                       (["--partition", "nosuch"], "--partition nosuch")):
+        r = run_submit(cluster, tmp_path, *args, *bad)
+        assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and names in r.stderr, r.stderr
+    r = run_submit(cluster, tmp_path, *[a for a in args if a not in ("--cpu", "--dry-run")])
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "has no GPUs" in r.stderr, r.stderr
+
+
+def test_one_node_cluster_runs_a_job_and_stops_alone(cluster, synthetic_betons, tmp_path):
+    """start.sh without --netns, as on a workstation, beside the two-node cluster: a 2-rank job finds its master
+    (the node's name resolves), and this cluster's stop.sh leaves the other cluster's namespaces alone."""
+    env = {**os.environ, "SOVIT_SLURM_DIR": str(tmp_path / "slurm-state"), "SOVIT_SLURM_PORT": "7817"}
+    out = subprocess.run([CLUSTER / "start.sh"], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    env["SLURM_CONF"] = re.search(r"SLURM_CONF=(\S+)", out.stdout).group(1)
+    try:
+        job = submit(env, tmp_path, *TINY_RUN, "--gpus-per-node", "2", "--data",
+                     str(synthetic_betons["train"].parent), "--run-dir", "run", "--log-dir", "logs", "--time", "10",
+                     "--set", "train.max_steps=2", "--set", "tracking.experiment=one-node")
+        wait_for(lambda: job_info(env, job).get("JobState") == "COMPLETED", 300, "job COMPLETED", env, job,
+                 tmp_path / "logs")
+        assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["world_size"] == 2
+    finally:
+        subprocess.run([CLUSTER / "stop.sh"], env=env, capture_output=True, timeout=120)
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "sovit-node1" in namespaces and "sovit-node2" in namespaces
+    idle = subprocess.run(["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"], env=cluster, capture_output=True,
+                          text=True).stdout.split()
+    assert sorted(set(idle)) == ["node1", "node2"], idle
 
 
 def test_time_limit_checkpoints_requeues_and_resumes_one_mlflow_run(cluster, synthetic_betons, tmp_path):

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Start a real, throw-away SLURM on this machine (as root), for trying launchers/submit.py end-to-end.
 #
-#   slurm/local-cluster/start.sh            one node (node1) on localhost
+#   slurm/local-cluster/start.sh            one node on localhost, named like this machine (so it resolves)
 #   slurm/local-cluster/start.sh --netns N  N nodes (node1..nodeN), each in its own network namespace on a bridge,
 #                                           so multi-node jobs really talk over a network (gloo over interface sovit0)
 #
 # Idempotent: if the same cluster is already up it only prints how to use it; a different shape is restarted.
 # Prints the line to eval: `eval "$(slurm/local-cluster/start.sh --netns 2)"` exports SLURM_CONF.
-# Everything lives under $SOVIT_SLURM_DIR (default /var/tmp/sovit-slurm); stop.sh undoes all of it.
+# Everything lives under $SOVIT_SLURM_DIR (default /var/tmp/sovit-slurm), with the list of namespaces, bridge and
+# /etc/hosts entries made here; stop.sh undoes exactly those, so a second cluster (own SOVIT_SLURM_DIR and
+# SOVIT_SLURM_PORT) survives it. One --netns cluster at a time: they would share the bridge and node names.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -57,18 +59,29 @@ host=$(hostname)
 nodes_conf=""
 if [ "$netns" -eq 0 ]; then
   ctld_addr=127.0.0.1
-  nodes_conf="NodeName=node1 NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$(( mem_mb / 2 )) State=UNKNOWN"
+  # Jobs use the node name as MASTER_ADDR: it must resolve (a made-up node1 would not, and every job would hang at
+  # rendezvous), so the node is called like this machine, or localhost if even that does not resolve.
+  node=$(hostname -s)
+  getent hosts "$node" >/dev/null || node=localhost
+  nodes_conf="NodeName=$node NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$(( mem_mb / 2 )) State=UNKNOWN"
 else
   ctld_addr=$subnet.1
+  if ip link show "$bridge" >/dev/null 2>&1; then
+    echo "start.sh: bridge $bridge exists: another --netns cluster runs (stop it with SOVIT_SLURM_DIR=<its dir>" \
+         "slurm/local-cluster/stop.sh), or start this one without --netns" >&2
+    exit 1
+  fi
   # Every node sees all CPUs and a share of the memory: the kernel is shared, SLURM only does the bookkeeping.
   per_node_mem=$(( mem_mb / (2 * netns) ))
   ip link add "$bridge" type bridge
+  echo "$bridge" > "$state/bridge"   # what stop.sh removes: only what this cluster created
   ip addr add "$ctld_addr/24" dev "$bridge"
   ip link set "$bridge" up
-  hosts_block="# BEGIN sovit-local-cluster"$'\n'
+  hosts_block="# BEGIN sovit-local-cluster $state"$'\n'
   for i in $(seq 1 "$netns"); do
     ns=sovit-node$i addr=$subnet.$((10 + i))
     ip netns add "$ns"
+    echo "$ns" >> "$state/netns"
     ip link add "sovitv$i" type veth peer name sovit0 netns "$ns"
     ip link set "sovitv$i" master "$bridge" up
     ip -n "$ns" addr add "$addr/24" dev sovit0
@@ -78,7 +91,7 @@ else
     hosts_block+="$addr node$i"$'\n'
   done
   # Node names resolve like on a real cluster (MASTER_ADDR is the first node's name).
-  printf '%s# END sovit-local-cluster\n' "$hosts_block" >> /etc/hosts
+  printf '%s# END sovit-local-cluster %s\n' "$hosts_block" "$state" >> /etc/hosts
 fi
 
 sed -e "s|@STATE@|$state|g" -e "s|@CTLD_HOST@|$host|g" -e "s|@CTLD_ADDR@|$ctld_addr|g" \
@@ -90,7 +103,7 @@ export SLURM_CONF=$state/slurm.conf
 # --- daemons --------------------------------------------------------------------------------------
 slurmctld -f "$SLURM_CONF" -i   # -i: ignore old state, start clean
 if [ "$netns" -eq 0 ]; then
-  slurmd -f "$SLURM_CONF" -N node1
+  slurmd -f "$SLURM_CONF" -N "$node"
 else
   # nsenter --net (not `ip netns exec`, which remounts /sys and breaks slurmd's cgroup/sysfs probing)
   for i in $(seq 1 "$netns"); do

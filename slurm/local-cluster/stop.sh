@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stop the local SLURM started by start.sh: daemons, namespaces, bridge, /etc/hosts entries. Safe to run twice.
+# Stop the local SLURM started by start.sh (the one in $SOVIT_SLURM_DIR): daemons, and the namespaces, bridge and
+# /etc/hosts entries that start.sh listed there as its own. Safe to run twice.
 # Logs stay in $SOVIT_SLURM_DIR/log for post-mortems; the controller state is discarded.
 set -uo pipefail
 
@@ -28,12 +29,16 @@ for f in "$state"/run/slurmd-*.pid; do [ -e "$f" ] && stop_pid "$f"; done
 stop_pid "$state/run/slurmctld.pid"
 stop_pid "$state/run/munged.pid"
 
-for ns in $(ip netns list 2>/dev/null | awk '/^sovit-node[0-9]+/ {print $1}'); do ip netns delete "$ns"; done
-ip link show sovitbr0 >/dev/null 2>&1 && ip link delete sovitbr0
-if grep -q '# BEGIN sovit-local-cluster' /etc/hosts 2>/dev/null; then
+# Only the network this cluster's start.sh created (listed in $state): another cluster's namespaces stay.
+if [ -f "$state/netns" ]; then
+  while read -r ns; do ip netns delete "$ns" 2>/dev/null; done < "$state/netns"
+fi
+[ -f "$state/bridge" ] && ip link delete "$(cat "$state/bridge")" 2>/dev/null
+if grep -qxF "# BEGIN sovit-local-cluster $state" /etc/hosts 2>/dev/null; then
   # rewrite in place (not sed -i: /etc/hosts is often a bind mount that cannot be replaced)
-  hosts=$(sed '/# BEGIN sovit-local-cluster/,/# END sovit-local-cluster/d' /etc/hosts)
+  hosts=$(awk -v b="# BEGIN sovit-local-cluster $state" -v e="# END sovit-local-cluster $state" \
+    '$0 == b {skip = 1} !skip {print} $0 == e {skip = 0}' /etc/hosts)
   printf '%s\n' "$hosts" > /etc/hosts
 fi
-rm -rf "$state/ctld" "$state/spool" "$state/shape"
+rm -rf "$state/ctld" "$state/spool" "$state/shape" "$state/netns" "$state/bridge"
 echo "stop.sh: local SLURM stopped (logs kept in $state/log)"
