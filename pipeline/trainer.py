@@ -116,7 +116,7 @@ class RunResult:
 class StopSignals:
     """Turns SIGUSR1/SIGTERM/SIGINT into a flag for the duration of a run; the previous handlers come back after.
 
-    A second Ctrl-C quits at once (KeyboardInterrupt), for a user who does not want to wait for the save."""
+    A second Ctrl-C (a second later or more) quits at once, for a user who does not want to wait for the save."""
 
     CODES: ClassVar[dict[int, int]] = {signal.SIGUSR1: 1, signal.SIGTERM: 2, signal.SIGINT: 2}  # highest wins
 
@@ -134,8 +134,8 @@ class StopSignals:
             signal.signal(s, h)
 
     def _handler(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.code:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.code and time.monotonic() - self.since > 1.0:
+            raise KeyboardInterrupt  # a person pressing again, not a launcher echoing the first Ctrl-C to its ranks
         if signum == signal.SIGINT:
             print("\ninterrupted: saving at the next step check (Ctrl-C again to quit without saving)",
                   file=sys.stderr, flush=True)
