@@ -19,6 +19,8 @@ import logging
 import os
 import socket
 import sys
+import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 _DEVICE = torch.device("cpu")  # this rank's device, set by init()
+_STORE_FILE: Path | None = None  # a lone rank's file store, removed by shutdown()
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def export_env() -> None:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # under a plain srun submitit cannot tell by itself
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return
-    # a lone process: a private rendezvous on a free loopback port (the c10d store then listens on 127.0.0.1 only)
+    # a lone process: init() gives it a file store; MASTER_* only satisfy DeepSpeed's check for a complete environment
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(free_port()))
 
@@ -91,8 +94,12 @@ def init() -> DistInfo:
     _DEVICE = device
     import deepspeed
 
+    # one rank needs no TCP store, which would listen on every interface: a file store listens on nothing
+    global _STORE_FILE
+    _STORE_FILE = Path(tempfile.gettempdir()) / f"sovit-store-{uuid.uuid4().hex}" if world == 1 else None
+    lone = {"init_method": f"file://{_STORE_FILE}", "rank": 0, "world_size": 1} if _STORE_FILE else {}
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully" on every start
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **lone)
     return DistInfo(rank, local_rank, world, local_world, device, backend)
 
 
@@ -111,6 +118,8 @@ def _quiet_cpu_deepspeed(rank: int) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+    if _STORE_FILE is not None:
+        _STORE_FILE.unlink(missing_ok=True)
 
 
 def device() -> torch.device:

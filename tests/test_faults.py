@@ -4,6 +4,7 @@ directory that still resumes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -173,3 +174,20 @@ def test_a_full_disk_gives_one_line_and_leaves_no_partial_checkpoint(synthetic_r
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     shutil.rmtree(disk)
+
+
+def test_a_lone_run_listens_on_no_port(synthetic_root, tmp_path):
+    """One process needs no rendezvous server (a file store, removed at the end): nothing it starts may accept
+    connections from the network. gloo's own pairs listen on the loopback."""
+    import psutil
+
+    proc = start_training(tiny_run(synthetic_root, tmp_path / "run", 6), tmp_path)
+    listening, trained = set(), False
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            for p in (psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)):
+                listening |= {c.laddr for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+        trained = trained or (tmp_path / "run" / "latest").exists()
+        time.sleep(0.1)
+    finish(proc)
+    assert trained and {a.ip for a in listening} <= {"127.0.0.1"}, listening
