@@ -23,6 +23,7 @@ from launchers.train import EXIT_CODES
 from pipeline import slurm
 from pipeline.config import ConfigError, RunConfig, add_config_args, plain
 from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, UsageError, make_plan, run_local, tool
+from pipeline.trainer import default_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +90,7 @@ def submit(args: argparse.Namespace, plan: Plan) -> int:
     cfg = plan.cfg
     print(f"submitted job {job.job_id}: {plan.nodes} node(s) x {plan.ranks_per_node} rank(s), {cfg.model.arch}")
     print(f"  logs     {job.paths.folder}/{job.job_id}_<rank>_log.out (.err)")
-    # the name pipeline.trainer.default_run_dir gives a run in this job, when --run-dir is not set
-    print(f"  run dir  {cfg.checkpoint.run_dir or Path.cwd() / 'runs' / f'{cfg.model.arch}-{job.job_id}'}")
+    print(f"  run dir  {cfg.checkpoint.run_dir or Path.cwd() / default_run_dir(cfg.model.arch, job.job_id)}")
     print(f"  watch    squeue -j {job.job_id}; tail -f {job.paths.stderr}   # rank 0's progress bar")
     print(f"           {_mlflow_ui(cfg)}")
     return 0

@@ -20,7 +20,10 @@ def requeue_self() -> None:
     """Put this SLURM job back in the queue (rank 0 only): it resumes from ``latest`` when it starts again."""
     job = os.environ["SLURM_JOB_ID"]
     print(f"checkpoint saved; requeueing SLURM job {job}", flush=True)
-    subprocess.run(["scontrol", "requeue", job], check=False)
+    done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        print(f"error: scontrol requeue {job} failed ({(done.stderr or done.stdout).strip()[:200]}); the checkpoint "
+              "is saved: resubmit the same command to resume", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -454,11 +454,12 @@ def _resolve_device_defaults(cfg: RunConfig, device: torch.device) -> None:
         cfg.train.compile = on_gpu
 
 
-def default_run_dir(arch: str) -> Path:
+def default_run_dir(arch: str, job_id: str | None = None) -> Path:
     """``runs/<arch>-<SLURM job id>``: stable across requeues of one job; elsewhere the start time."""
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") and (f"{os.environ['SLURM_ARRAY_JOB_ID']}_"
-                                                     f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}")
-    return Path("runs") / f"{arch}-{job or os.environ.get('SLURM_JOB_ID') or time.strftime('%Y%m%d-%H%M%S')}"
+    array = os.environ.get("SLURM_ARRAY_JOB_ID") and (f"{os.environ['SLURM_ARRAY_JOB_ID']}_"
+                                                       f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}")
+    job = job_id or array or os.environ.get("SLURM_JOB_ID")
+    return Path("runs") / f"{arch}-{job or time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def _resolve_run_dir(cfg: RunConfig) -> Path:
