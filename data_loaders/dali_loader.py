@@ -25,17 +25,14 @@ from pipeline.config import DataConfig
 
 from .base import (
     Batch,
-    DataError,
     LoaderBase,
     Split,
-    check_classes,
     eval_resize,
     num_batches,
     num_workers,
     rank_indices,
-    split_path,
 )
-from .folders import find_classes, list_samples
+from .folders import read_split
 
 
 def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, split: Split, device: torch.device,
@@ -74,13 +71,7 @@ def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, split:
 class DALILoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
                  num_classes: int | None = None, classes: list[str] | None = None):
-        root = split_path(cfg, split)
-        if not root.is_dir():
-            raise DataError(f"data.{split}={str(root)!r} is not a directory: the dali loader reads an ImageFolder "
-                            "(<split>/<class>/<image>)")
-        self.classes = find_classes(root)
-        check_classes(self.classes, root, num_classes, classes)
-        samples = list_samples(root, self.classes)
+        self.classes, samples = read_split(cfg, split, num_classes, classes)
         self._files, self._labels = [p for p, _ in samples], [lab for _, lab in samples]
         self.cfg, self.split, self.rank, self.world_size, self.device = cfg, split, rank, world_size, device
         self.threads = max(1, num_workers(cfg))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .base import DataError, check_classes
+from pipeline.config import DataConfig
+
+from .base import DataError, Split, check_classes, split_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -85,3 +87,16 @@ def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple
 def list_samples(root: str | Path, classes: list[str] | None = None) -> list[tuple[str, int]]:
     """The images of ``scan``: what the folder loaders read."""
     return scan(root, classes)[0]
+
+
+def read_split(cfg: DataConfig, split: Split, num_classes: int | None = None,
+               classes: list[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """The ImageFolder a dali or torchvision loader reads: its class names, checked against the model's class count
+    and the train split's names, and its ``(path, label)`` samples."""
+    root = split_path(cfg, split)
+    if not root.is_dir():
+        raise DataError(f"data.{split}={str(root)!r} is not a directory: the {cfg.loader} loader reads an "
+                        "ImageFolder (<split>/<class>/<image>)")
+    found = find_classes(root)
+    check_classes(found, root, num_classes, classes)
+    return found, list_samples(root, found)

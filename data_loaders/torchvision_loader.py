@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import DataConfig
 
-from .base import Batch, DataError, LoaderBase, Split, check_classes, num_batches, num_workers, rank_indices, split_path
-from .folders import find_classes, list_samples
+from .base import Batch, LoaderBase, Split, num_batches, num_workers, rank_indices
+from .folders import read_split
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kw) -> Image.Image:
@@ -55,13 +55,7 @@ class _SeededFolder(Dataset):
 class TorchvisionLoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
                  num_classes: int | None = None, classes: list[str] | None = None):
-        root = split_path(cfg, split)
-        if not root.is_dir():
-            raise DataError(f"data.{split}={str(root)!r} is not a directory: the {cfg.loader} loader reads an "
-                            "ImageFolder (<split>/<class>/<image>)")
-        self.classes = find_classes(root)
-        check_classes(self.classes, root, num_classes, classes)
-        samples = list_samples(root, self.classes)
+        self.classes, samples = read_split(cfg, split, num_classes, classes)
         fix_timm_posterize()
         if split == "train":
             transform = create_transform(
