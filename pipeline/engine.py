@@ -15,7 +15,6 @@ where the trainer syncs anyway (the log interval and before every save).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -72,10 +71,8 @@ def build_engine(cfg: RunConfig, model: torch.nn.Module, world_size: int, update
                                       config=deepspeed_config(cfg, world_size, load_universal))
     if world_size == 1 and cfg.train.zero_stage == 0:
         engine.enable_backward_allreduce = False  # one rank has nothing to average: skip flatten + copy per step
-    if cfg.train.compile:
-        t0 = time.perf_counter()
-        engine.compile()  # compiles engine.module in place: its state-dict keys (checkpoints, export) are unchanged
-        engine.compile_seconds = time.perf_counter() - t0
+    if cfg.train.compile:  # in place: engine.module's state-dict keys (checkpoints, export) are unchanged
+        engine.compile()  # compilation itself happens in the first steps; the trainer times them
     s = cfg.schedule
     scheduler = CosineLRScheduler(
         engine.optimizer, t_initial=s.epochs * updates_per_epoch, lr_min=s.min_lr,

@@ -246,9 +246,8 @@ class Trainer:
         if finished is not None:
             return finished
         self._print_start()
-        if getattr(self.engine, "compile_seconds", None) is not None:
-            self.tracker.log_metrics({"perf/compile_setup_s": self.engine.compile_seconds}, step=state.step)
         status, losses = "FINISHED", []
+        first_step = time.perf_counter()  # with train.compile, the first step is mostly torch.compile at work
         bar = _progress(self.max_steps, state.step, info.is_main)
         self.bar = bar
         try:
@@ -273,6 +272,9 @@ class Trainer:
                             self.ema.update(self.engine.module, step=state.step)
                         self.meter.step()
                         bar.update(1)
+                        if cfg.train.compile and first_step:
+                            self._log_compile(first_step)
+                            first_step = 0.0
                         if log_now:
                             self._log_train(losses, grad_norm)
                             losses = []
@@ -314,6 +316,16 @@ class Trainer:
             m["train/grad_norm"] = float(norm)
         self.tracker.log_metrics(m, step=self.state.step)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{m['perf/images_per_s']:.0f}")
+
+    def _log_compile(self, started: float) -> None:
+        """The first compiled step's time (one sync, once) in the metrics and the log, and out of images/s."""
+        if self.info.device.type == "cuda":
+            torch.cuda.synchronize(self.info.device)
+        seconds = time.perf_counter() - started
+        self.tracker.log_metrics({"perf/compile_s": seconds}, step=self.state.step)
+        self.meter.pause(seconds)
+        if self.info.is_main:
+            _write(f"torch.compile: the first step took {seconds:.0f} s")
 
     def _sync_bn(self) -> None:
         """Average BatchNorm running statistics over ranks (each rank saw other images), for eval, save and export."""

@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import TRAIN, tiny_run
 
@@ -48,3 +49,28 @@ def test_images_per_second_leave_out_eval_and_checkpoint_time(monkeypatch):
     now[0] = 32.0
     meter.step()
     assert meter.report()["images_per_s"] == 64.0  # ...and 2 steps of 64 images took 2 s, not 32
+
+
+@pytest.mark.slow
+def test_a_compiled_run_times_its_compilation_and_keeps_its_state_dict_keys(synthetic_root, tmp_path):
+    """train.compile (the CUDA default) on the CPU: the first step's compile time is printed and logged, and the
+    checkpoint holds the plain module keys, so export and resume do not care whether the model was compiled."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, run_dir, 3, "train.compile=true",
+                                                                 "mixup.mixup=0", "mixup.cutmix=0")],
+                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torch.compile: the first step took" in proc.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("perf/compile_s" in r for r in records)
+    keys = torch.load(run_dir / "step_00000003" / "mp_rank_00_model_states.pt", weights_only=False)["module"].keys()
+    assert "head.weight" in keys and not any("_orig_mod" in k for k in keys)
+
+
+def test_the_terminal_stays_quiet(synthetic_root, tmp_path):
+    """What DeepSpeed and torch print on every CPU start, once per rank, is not shown."""
+    proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, tmp_path / "run", 1)],
+                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("Setting accelerator to CPU", "No CUDA runtime is found", "built successfully"):
+        assert noise not in proc.stdout + proc.stderr

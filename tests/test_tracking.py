@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,12 +19,7 @@ from mlflow import MlflowClient
 
 from pipeline import tracking
 from pipeline.config import load_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pipeline.distributed import free_port
 
 
 def _start_server(db, port: int) -> subprocess.Popen:
@@ -55,7 +49,7 @@ def _kill(server: subprocess.Popen) -> None:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
+    port = free_port()
     proc = _start_server(tmp_path / "mlflow.db", port)
     yield f"http://127.0.0.1:{port}", proc, tmp_path / "mlflow.db", port
     if proc.returncode is None:
@@ -193,7 +187,7 @@ def test_server_back_after_outage_receives_the_queued_metrics(mlflow_server):
 
 def test_server_down_at_start_is_a_warning_not_an_error():
     with pytest.warns(UserWarning, match="unreachable"):
-        t = tracking.start(_cfg(f"http://127.0.0.1:{_free_port()}"), rank=0)
+        t = tracking.start(_cfg(f"http://127.0.0.1:{free_port()}"), rank=0)
     t.log_metrics({"x": 1.0}, step=1)
     t.finish(timeout=3)
     assert t.run_id is None
@@ -284,6 +278,7 @@ from pathlib import Path
 import mlflow  # imported before the barrier, so the two runs meet at the store itself
 from pipeline import tracking
 from pipeline.config import load_config
+from pipeline.distributed import free_port
 
 db, run_dir, barrier, me = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 cfg = load_config(["arch/sovit_7"], [f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false",
