@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 _DEVICE = torch.device("cpu")  # this rank's device, set by init()
 _STORE_FILE: Path | None = None  # a lone rank's file store, removed by shutdown()
+_EXPORTED: dict[str, str] = {}  # the rank variables export_env() invented for a lone process, removed by shutdown()
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ class DistInfo:
 
 
 def export_env() -> None:
-    """Fill RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unless a launcher (torchrun) already did."""
+    """Fill RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT unless a launcher (torchrun) already did.
+
+    A lone process's variables are removed again by ``shutdown()``: left in the environment they would be inherited
+    by every subprocess and sbatch started afterwards, making later trainers wait for ranks that never come."""
     if "RANK" in os.environ:
         return
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) >= 1:
@@ -55,9 +59,11 @@ def export_env() -> None:
         os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # under a plain srun submitit cannot tell by itself
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         return
-    # a lone process: init() gives it a file store; MASTER_* only satisfy DeepSpeed's check for a complete environment
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(free_port()))
+    # a lone process: init() gives it a file store; MASTER_* and LOCAL_RANK only satisfy DeepSpeed's checks
+    lone = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(free_port())}
+    os.environ.update(lone)
+    _EXPORTED.update(lone)
 
 
 def free_port() -> int:
@@ -80,7 +86,7 @@ def cpu_threads(local_world: int) -> int:
 
 def init() -> DistInfo:
     export_env()
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     if torch.cuda.is_available():
@@ -120,6 +126,9 @@ def shutdown() -> None:
         dist.destroy_process_group()
     if _STORE_FILE is not None:
         _STORE_FILE.unlink(missing_ok=True)
+    for key in _EXPORTED:
+        os.environ.pop(key, None)
+    _EXPORTED.clear()
 
 
 def device() -> torch.device:

@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launchers" / "train.py"
 
 
+@pytest.fixture(autouse=True)
+def _environment_is_state():
+    """Each test gets the process environment back as it found it: a RANK or MASTER_ADDR left behind by an
+    in-process trainer would make every later trainer, torchrun and SLURM job wait for ranks that never come."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory) -> Path:
     """4 classes x 12 train / 5 val JPEGs of 64 px: ``root/train/class_XX/*.JPEG``, ``root/val/...``."""

@@ -5,6 +5,9 @@ the bug by running. Instead: no library module calls torch.distributed collectiv
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,15 @@ def test_mfu_is_per_device(monkeypatch):
     report = meter.report()
     assert report["images_per_s"] == pytest.approx(2560)
     assert report["mfu"] == pytest.approx(0.0096)
+
+
+def test_a_lone_process_leaves_no_rank_environment_behind():
+    """The rank variables of a lone run would be inherited by every subprocess and sbatch it starts afterwards
+    (an in-process evaluate once made later SLURM jobs train as independent 1-rank runs)."""
+    code = ("import os; from pipeline import distributed; info = distributed.init(); distributed.shutdown(); "
+            "print(info.world_size, sorted(k for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', "
+            "'LOCAL_RANK') if k in os.environ))")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "1 []"
