@@ -263,7 +263,8 @@ def memory_worker(img: int) -> None:
 def memory(args, work: Path) -> bool:
     cmd = [*launch_command(2), __file__, "--memory-worker", "--img-size", str(args.img_size)]
     try:
-        with Process(cmd, work / "memory.log", child_env(args.device)) as proc:
+        # a rank once died of SIGABRT here in CI (1 run in about 40): the Python stack goes to the log if it recurs
+        with Process(cmd, work / "memory.log", {**child_env(args.device), "PYTHONFAULTHANDLER": "1"}) as proc:
             out = proc.expect_exit(args.timeout, "the 2-rank memory run")
     except CheckFailed as e:
         report_failure("memory", e)
