@@ -535,7 +535,9 @@ def sync(record: str | Path, uri: str | None = None) -> Synced:
             raise ValueError(f"the tracking URI of {record} had credentials and is stored redacted: pass --uri or "
                              "set MLFLOW_TRACKING_URI")
     courier = MlflowCourier(record, uri)
-    while not courier.deliver():
-        pass
+    while True:  # chunk by chunk; a chunk that delivers nothing is a torn last line a crash left: stop there
+        before = courier.sent
+        if courier.deliver() or courier.sent == before:
+            break
     status = courier.client.get_run(courier.run_id).info.status
     return Synced(courier.run_id, courier.sent, status, courier.ui_link())

@@ -320,3 +320,23 @@ def test_two_runs_creating_a_fresh_sqlite_store_at_once(tmp_path):
         assert r.info.artifact_uri == str(db.parent / "mlartifacts" / r.info.run_id / "artifacts")
         assert (Path(r.info.artifact_uri) / "config.yaml").is_file()
     assert not (cwd / "mlruns").exists()
+
+
+def test_sync_stops_at_a_torn_last_line(tmp_path):
+    """A kill -9 mid-append can leave half a line at the end of the record: sync delivers everything before it and
+    returns (it used to spin on it forever)."""
+    db, run_dir = tmp_path / "mlflow.db", tmp_path / "run"
+    run_dir.mkdir()
+    tracker = tracking.start(_cfg(f"sqlite:///{db}", run_dir), rank=0, jsonl=run_dir / "metrics.jsonl")
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    tracker.finish("FINISHED")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "train/lo')
+    code = f"from pipeline import tracking; print(tracking.sync({str(run_dir / 'metrics.jsonl')!r}).status)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "FINISHED", out.stderr[-2000:]
+    from mlflow import MlflowClient
+
+    history = MlflowClient(f"sqlite:///{db}").get_metric_history(tracker.run_id, "train/loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]
