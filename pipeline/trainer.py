@@ -151,16 +151,18 @@ def run(cfg: RunConfig) -> RunResult:
     """Train one rank of the run ``cfg`` describes (call it on every rank). Raises ConfigError, DataError or
     CheckpointError for problems the user must fix, before training starts."""
     info = distributed.init()
-    cfg.validate(info.world_size)
-    _resolve_device_defaults(cfg, info.device)
-    run_dir = _resolve_run_dir(cfg)
-    lock = checkpoint.RunLock(run_dir)
+    lock = None
     try:
+        cfg.validate(info.world_size)
+        _resolve_device_defaults(cfg, info.device)
+        run_dir = _resolve_run_dir(cfg)
+        lock = checkpoint.RunLock(run_dir)
         _lock(lock, run_dir, info.is_main)
         with StopSignals() as stop:
             return Trainer(cfg, info, run_dir).train(stop)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
         distributed.shutdown()
 
 
