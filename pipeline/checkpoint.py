@@ -374,8 +374,7 @@ def resume(engine, run_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
 def _load_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
     """A universal checkpoint carries parameters and optimizer state only: BatchNorm statistics (and any other
     buffer) come from the original tag's model states, or an elastic resume would restart them from scratch."""
-    states = torch.load(sorted(tag_dir.glob("*model_states.pt"))[0], map_location="cpu", weights_only=False)
-    saved = states.get("module") or {}
+    saved = safe_load(sorted(tag_dir.glob("*model_states.pt"))[0]).get("module") or {}
     with torch.no_grad():
         for name, buf in module.named_buffers():
             if name in saved:
@@ -411,11 +410,11 @@ def _consolidate(run_dir: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
     tag_dir = run_dir / tag
     if not tag_dir.is_dir():
         raise CheckpointError(f"{tag_dir} does not exist")
-    check_tag_safe(tag_dir)
+    check_tag_safe(tag_dir)  # get_fp32_state_dict_from_zero_checkpoint opens the optimizer states too
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:
         raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states")
-    states = torch.load(files[0], map_location="cpu", weights_only=False)  # checked above
+    states = safe_load(files[0])
     if ema:
         ema_state = states.get("ema")  # the training loop's client state sits at the top level
         if ema_state is None:

@@ -307,9 +307,13 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------- steps
 
+    def _checked_loss(self, losses: list[torch.Tensor]) -> float:
+        """The mean loss over ranks since the last look, on the host (one sync); NonFiniteLoss if NaN/inf."""
+        mean = distributed.all_reduce(torch.stack(losses).mean()) / self.info.world_size
+        return engine.check_finite(mean, self.state.step)
+
     def _log_train(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> None:
-        loss = engine.check_finite(distributed.all_reduce(torch.stack(losses).mean()) / self.info.world_size,
-                                   self.state.step)
+        loss = self._checked_loss(losses)
         lr = self.engine.optimizer.param_groups[0]["lr"]
         norm = self.engine.get_global_grad_norm()
         norm = grad_norm if norm is None else norm
@@ -378,7 +382,7 @@ class Trainer:
         """Checkpoint this step on every rank; the loss since the last log is checked first, so a NaN never
         overwrites ``latest`` with broken weights."""
         if losses:
-            engine.check_finite(distributed.all_reduce(torch.stack(losses).mean()), self.state.step)
+            self._checked_loss(losses)
         t0 = time.perf_counter()
         self._sync_bn()
         self.state.mlflow_run_id = self.tracker.run_id  # created late if the server was down at start
