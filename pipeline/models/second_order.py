@@ -16,32 +16,50 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_EPS = 1e-6  # floor on singular values and norms: a constant Q (all tokens equal) must not divide by zero
+
+def _floored(x: Tensor) -> Tensor:
+    """Floor on singular values and norms: a constant Q (all tokens equal) must not divide by zero. The floor is a
+    literal because TorchScript cannot read a module-level float."""
+    return x.clamp_min(1e-6)
 
 
 def cross_covariance(x1: Tensor, x2: Tensor) -> Tensor:
     """(B, d1, N), (B, d2, N) token features -> (B, d1, d2) cross-covariance over the N tokens."""
     if x1.shape[0] != x2.shape[0] or x1.shape[-1] != x2.shape[-1]:
         raise ValueError(f"cross_covariance needs (B, d1, N) and (B, d2, N) with equal B and N, got "
-                         f"{tuple(x1.shape)} and {tuple(x2.shape)}")
+                         f"{x1.shape} and {x2.shape}")
     n = x1.shape[-1]
     x1 = x1 - x1.mean(dim=-1, keepdim=True)
     x2 = x2 - x2.mean(dim=-1, keepdim=True)
     return x1 @ x2.transpose(-1, -2) / n
 
 
-def _power_iteration(q: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Top singular triplet of each q (B, m, n) from start vector(s) v, (n,) shared or (B, n).
+def _power_step(q: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """One power-iteration step on each q (B, m, n) from v, (n,) shared or (B, n): returns u (B, m), s (B,), v (B, n).
 
-    Returns u (B, m), s (B,), v (B, n). Batched matmuls, not einsum: this is the whole cost of the fast path.
+    Batched matmuls, not einsum: this is the whole cost of the fast path.
     """
-    for _ in range(iters):
-        u = torch.matmul(q, v.unsqueeze(-1)).squeeze(-1)
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        v = torch.matmul(u.unsqueeze(-2), q).squeeze(-2)
-        s = v.norm(dim=-1).clamp_min(_EPS)
-        v = v / s.unsqueeze(-1)
+    u = torch.matmul(q, v.unsqueeze(-1)).squeeze(-1)
+    u = u / _floored(torch.linalg.vector_norm(u, dim=-1, keepdim=True))
+    v = torch.matmul(u.unsqueeze(-2), q).squeeze(-2)
+    s = _floored(torch.linalg.vector_norm(v, dim=-1))
+    return u, s, v / s.unsqueeze(-1)
+
+
+def _power_iteration(q: Tensor, v: Tensor, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top singular triplet of each q after ``iters`` >= 1 steps (the first step outside the loop: TorchScript needs
+    the triplet defined on every path)."""
+    u, s, v = _power_step(q, v)
+    for _ in range(iters - 1):
+        u, s, v = _power_step(q, v)
     return u, s, v
+
+
+def _deflate(q: Tensor, start: Tensor, alpha: float, iters: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Find the top triplet of q and remove it: (q - s u v^T, s^alpha u v^T, s)."""
+    u, s, v = _power_iteration(q, start, iters)
+    rank1 = u.unsqueeze(-1) * v.unsqueeze(-2)  # (B, m, n)
+    return q - s[:, None, None] * rank1, s.pow(alpha)[:, None, None] * rank1, s
 
 
 def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Tensor | None = None) -> Tensor:
@@ -51,7 +69,7 @@ def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Te
     default a fixed all-ones start. Deflation removes each found triplet before looking for the next one.
     """
     if q.dim() != 3:
-        raise ValueError(f"svpn expects a batch of matrices (B, m, n), got shape {tuple(q.shape)}")
+        raise ValueError(f"svpn expects a batch of matrices (B, m, n), got shape {q.shape}")
     if not 1 <= top_k <= min(q.shape[-2:]):
         raise ValueError(f"svpn top_k={top_k} is invalid: expected 1 <= top_k <= min(m, n) = {min(q.shape[-2:])}")
     if iters < 1:
@@ -62,20 +80,22 @@ def svpn(q: Tensor, alpha: float = 0.5, top_k: int = 1, iters: int = 1, init: Te
     init = init.reshape(n, -1)
     if init.shape[1] < top_k:
         raise ValueError(f"svpn init has {init.shape[1]} start vectors for top_k={top_k}: pass shape ({n}, {top_k})")
+    if torch.jit.is_scripting():  # TorchScript cannot switch autocast off by device: run a scripted model in fp32
+        return _svpn_fp32(q.float(), init.float(), alpha, top_k, iters)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q = q.float()
-        starts = (init.float() / init.float().norm(dim=0).clamp_min(_EPS)).T  # (k', n)
-        if top_k == 1:  # U S^a V^T + (Q - U S V^T) / s^(1-a) == Q / s^(1-a): only s_1 is needed
-            _, s, _ = _power_iteration(q, starts[0], iters)
-            return q * s.pow(alpha - 1.0)[:, None, None]
-        residual, kept = q, None
-        for i in range(top_k):
-            u, s, v = _power_iteration(residual, starts[i], iters)
-            rank1 = u.unsqueeze(-1) * v.unsqueeze(-2)  # (B, m, n)
-            residual = residual - s[:, None, None] * rank1
-            term = s.pow(alpha)[:, None, None] * rank1
-            kept = term if kept is None else kept + term
-        return kept + residual * s.pow(alpha - 1.0)[:, None, None]
+        return _svpn_fp32(q.float(), init.float(), alpha, top_k, iters)
+
+
+def _svpn_fp32(q: Tensor, init: Tensor, alpha: float, top_k: int, iters: int) -> Tensor:
+    starts = (init / _floored(torch.linalg.vector_norm(init, dim=0))).T  # (k', n)
+    if top_k == 1:  # U S^a V^T + (Q - U S V^T) / s^(1-a) == Q / s^(1-a): only s_1 is needed
+        _, s, _ = _power_iteration(q, starts[0], iters)
+        return q * s.pow(alpha - 1.0)[:, None, None]
+    residual, kept, s = _deflate(q, starts[0], alpha, iters)
+    for i in range(1, top_k):
+        residual, term, s = _deflate(residual, starts[i], alpha, iters)
+        kept = kept + term
+    return kept + residual * s.pow(alpha - 1.0)[:, None, None]
 
 
 def svpn_svd(q: Tensor, alpha: float = 0.5, top_k: int | None = None) -> Tensor:
@@ -84,7 +104,7 @@ def svpn_svd(q: Tensor, alpha: float = 0.5, top_k: int | None = None) -> Tensor:
         u, s, vh = torch.linalg.svd(q.float(), full_matrices=False)
         if top_k is None:
             return u @ (s.clamp_min(0).pow(alpha).unsqueeze(-1) * vh)
-        uk, sk, vhk = u[..., :top_k], s[..., :top_k].clamp_min(_EPS), vh[..., :top_k, :]
+        uk, sk, vhk = u[..., :top_k], _floored(s[..., :top_k]), vh[..., :top_k, :]
         low_rank = uk @ (sk.unsqueeze(-1) * vhk)
         kept = uk @ (sk.pow(alpha).unsqueeze(-1) * vhk)
         return kept + (q.float() - low_rank) / sk[..., -1:, None].pow(1.0 - alpha)

@@ -7,26 +7,33 @@ Xie et al., "So-ViT: Mind Visual Tokens for Vision Transformer", arXiv:2104.1093
   multiple of 8 from 32 px up works (112 -> 14x14, 160 -> 20x20, 64 -> 8x8), for small-data runs.
 * Transformer: class token, fixed sinusoidal position embedding, pre-norm blocks (T2T-ViT-7/10/14/19 settings).
 * Head: logits = fc(class token) + fc(vec(SVPN(Q))), Q the cross-covariance of two reductions of the visual tokens.
+  The embedding (``num_classes=0``, ``forward_head(pre_logits=True)``) is [class token, vec(SVPN(Q))]: the one vector
+  that a single linear layer maps to these logits (docs/design.md says why).
 
 Each ``@register_model`` function passes a fresh dict: the authors' register functions mutated shared module-level
 dicts, so building one variant changed the next.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any, Literal
 
 import torch
+import torch.fx
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .second_order import cross_covariance, svpn
 
 __all__ = ["SoViT"]
+
+# torch.fx records these as single calls instead of tracing into them: their argument checks branch on shapes and
+# SVPN switches autocast off by device type, neither of which a symbolic trace can follow.
+torch.fx.wrap("cross_covariance")
+torch.fx.wrap("svpn")
 
 _BN = {"eps": 1e-3, "momentum": 0.01}  # the authors' BatchNorm settings in the token embedding
 
@@ -82,6 +89,7 @@ class TokenEmbed(nn.Module):
         img_size = _square(img_size)
         self.grid = token_grid(img_size)
         self.num_patches = self.grid**2
+        self.reduction = 8 * max(1, img_size // 112)  # input pixels per token side, timm's feature_info reduction
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=True)
         self.pool = nn.MaxPool2d(3, stride=2, padding=1)
         self.layers = nn.Sequential(Bottleneck(width, width, 2),
@@ -157,14 +165,21 @@ class SoViT(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, proj_drop=drop_rate, attn_drop=attn_drop_rate,
                   drop_path=dpr[i])
             for i in range(depth)])
+        self.feature_info = [{"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": self.patch_embed.reduction}
+                             for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes else nn.Identity()
         self.so_pool = (SecondOrderHead(embed_dim, *so_dims, alpha=svpn_alpha, top_k=svpn_top_k, iters=svpn_iters)
                         if head == "so" else None)
         self.head_drop = nn.Dropout(head_drop_rate)
         self.so_head = self._so_classifier(num_classes)
+        self.head_hidden_size = self._embedding_width()
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
+
+    def _embedding_width(self) -> int:
+        """Width of the pooled embedding [class token, vec(SVPN(Q))] (timm's ``head_hidden_size``)."""
+        return self.embed_dim + (self.so_pool.out_dim if self.so_pool is not None else 0)
 
     def _so_classifier(self, num_classes: int) -> nn.Module | None:
         if self.so_pool is None:
@@ -210,26 +225,86 @@ class SoViT(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Any = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifiers (``num_classes=0``: none, the forward returns the embedding). The pooling is the model's
+        own, fixed by ``head`` at construction, so ``global_pool`` is accepted only as None (timm's "keep")."""
+        if global_pool is not None:
+            raise ValueError(f"So-ViT global_pool={global_pool!r} is invalid: its pooling is fixed by head='so' or "
+                             f"'cls' at construction; pass None")
         self.num_classes = num_classes
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes else nn.Identity()
         self.so_head = self._so_classifier(num_classes)
+        self.head_hidden_size = self._embedding_width()
+
+    def _embed(self, x: Tensor) -> Tensor:
+        """Image -> class token + visual tokens with their position encoding, before the blocks."""
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.pos_drop(x + self.pos_embed)
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Image -> normalised tokens (B, 1 + N, embed_dim), class token first."""
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.pos_drop(x + self.pos_embed)
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        x = self._embed(x)
+        if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
             return self.norm(checkpoint_seq(self.blocks, x))
         return self.norm(self.blocks(x))
 
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Block outputs for dense tasks, as timm's ViT: ``indices`` an int takes the last n blocks, a list picks
+        blocks (negative from the end), None all. Visual tokens come as (B, C, grid, grid) for NCHW or (B, N, C) for
+        NLC; ``return_prefix_tokens`` pairs each with its class token. Returns the intermediates, or (final
+        ``forward_features`` output, intermediates)."""
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"So-ViT output_fmt={output_fmt!r} is invalid: expected 'NCHW' or 'NLC'")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        blocks = self.blocks[:max_index + 1] if stop_early else self.blocks
+        x = self._embed(x)
+        intermediates = []
+        for i, block in enumerate(blocks):
+            x = checkpoint(block, x) if self.grad_checkpointing and torch.is_grad_enabled() else block(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+        prefix = [y[:, :1] for y in intermediates]
+        intermediates = [y[:, 1:] for y in intermediates]
+        if output_fmt == "NCHW":
+            grid = self.patch_embed.grid
+            intermediates = [y.reshape(y.shape[0], grid, grid, -1).permute(0, 3, 1, 2).contiguous()
+                             for y in intermediates]
+        if return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefix, strict=True))
+        if intermediates_only:
+            return intermediates
+        return self.norm(x), intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what ``forward_intermediates(indices)`` never reaches (timm's ``features_only`` calls this): the
+        blocks after the last one taken, the final norm if asked, the classifiers and the second-order head."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.so_pool = None
+            self.reset_classifier(0)
+        return take_indices
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Tokens -> logits, or the embedding [class token, vec(SVPN(Q))] for ``pre_logits`` or no classifier."""
         cls = x[:, 0]
         if self.so_pool is None:
             return cls if pre_logits else self.head(cls)
         so = self.head_drop(self.so_pool(x[:, 1:]))
-        if pre_logits:
+        if pre_logits or self.num_classes == 0:
             return torch.cat([cls, so], dim=1)
         return self.head(cls) + self.so_head(so)
 
@@ -243,6 +318,9 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
         "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": True,
         "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
         "first_conv": "patch_embed.conv1", "classifier": ("head", "so_head"), "license": "apache-2.0",
+        "min_input_size": (3, 32, 32), "paper_ids": "arXiv:2104.10935",
+        "paper_name": "So-ViT: Mind Visual Tokens for Vision Transformer",
+        "origin_url": "https://github.com/jiangtaoxie/So-ViT",
         **kwargs,
     }
 
@@ -251,7 +329,10 @@ default_cfgs = generate_default_cfgs({f"sovit_{n}": _cfg() for n in (7, 10, 14, 
 
 
 def _create_sovit(variant: str, pretrained: bool = False, **kwargs: Any) -> SoViT:
-    return build_model_with_cfg(SoViT, variant, pretrained, **kwargs)
+    # features_only: the last three blocks through forward_intermediates, as timm builds its ViTs
+    out_indices = kwargs.pop("out_indices", 3)
+    return build_model_with_cfg(SoViT, variant, pretrained,
+                                feature_cfg={"out_indices": out_indices, "feature_cls": "getter"}, **kwargs)
 
 
 @register_model
