@@ -13,12 +13,9 @@ so a test suite on gloo cannot see that bug. Every collective of this project's 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
 import socket
-import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
@@ -95,7 +92,7 @@ def init() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
         torch.set_num_threads(cpu_threads(local_world))
-        _quiet_cpu_deepspeed(rank)
+        _quiet_cpu_deepspeed()
     global _DEVICE
     _DEVICE = device
     import deepspeed
@@ -104,21 +101,24 @@ def init() -> DistInfo:
     global _STORE_FILE
     _STORE_FILE = Path(tempfile.gettempdir()) / f"sovit-store-{uuid.uuid4().hex}" if world == 1 else None
     lone = {"init_method": f"file://{_STORE_FILE}", "rank": 0, "world_size": 1} if _STORE_FILE else {}
-    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed prints "... built successfully" on every start
-        deepspeed.init_distributed(dist_backend=backend, verbose=False, **lone)
+    deepspeed.init_distributed(dist_backend=backend, verbose=False, **lone)
     return DistInfo(rank, local_rank, world, local_world, device, backend)
 
 
-def _quiet_cpu_deepspeed(rank: int) -> None:
+def _quiet_cpu_deepspeed() -> None:
     """Name DeepSpeed's accelerator instead of letting every rank warn that it fell back to the CPU, keep torch's
-    "No CUDA runtime is found" to itself, and build DeepSpeed's CPU communication op once per venv: in the shared
-    ~/.cache it is rebuilt (minutes, silently) whenever the venv path changes."""
+    "No CUDA runtime is found" to itself, and build no C++ op.
+
+    DeepSpeed's CPU backend JIT-compiles a shared-memory op (deepspeed_shm_comm) when it starts: minutes of C++ on a
+    fresh venv, and again, silently, whenever torch's ninja file changes (the venv reached by another path). Its one
+    user is DeepSpeed-inference's tensor-parallel ``inference_all_reduce`` (deepspeed/comm/torch.py); training
+    all-reduces through torch.distributed's gloo. Marking the op incompatible in DeepSpeed's own table, the one its
+    builder consults, means no process builds it: not evaluate, export or a lone rank, and not a multi-rank run."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    ext_dir = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
-    if rank == 0 and not any(ext_dir.glob("**/deepspeed_shm_comm*.so")):
-        print(f"building DeepSpeed's CPU communication op into {ext_dir} (once per environment; takes a few minutes)",
-              flush=True)
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def shutdown() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 
 from pipeline import distributed, metrics
 
@@ -79,3 +80,21 @@ def test_a_lone_process_leaves_no_rank_environment_behind():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[-2] == "1 []"
+
+
+@pytest.mark.multiproc
+def test_no_process_builds_deepspeeds_cpu_communication_op(tmp_path, monkeypatch):
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory op when it starts (minutes on a fresh venv or a venv
+    reached by another path: 179 of a lone evaluate.py's 199 s) that only DeepSpeed-inference uses. Neither a lone
+    process nor two gloo ranks build it: the extension directory stays empty and no backend holds the op."""
+    ext = tmp_path / "torch_extensions"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    script = tmp_path / "init.py"
+    script.write_text("import json, deepspeed\nfrom pipeline import distributed\ninfo = distributed.init()\n"
+                      "op = deepspeed.comm.comm.cdb.shm_comm_op\ndistributed.shutdown()\n"
+                      "print('RESULT ' + json.dumps([info.world_size, repr(op)]))\n")
+    lone = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert lone.returncode == 0, lone.stderr[-2000:]
+    assert lone.stdout.splitlines()[-1] == "RESULT [1, \"None\"]"
+    assert torchrun(script, timeout=120) == [2, "None"]
+    assert not ext.exists() or not any(ext.iterdir())
