@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[2:]))
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by launchers/train.py")
-    p.add_argument("--out", type=Path, required=True, help="output folder (or FILE.safetensors)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (or FILE.safetensors); missing parent folders are created")
     p.add_argument("--format", choices=["local-dir", "safetensors"],
                    help="default: safetensors when --out ends in .safetensors, else local-dir")
     p.add_argument("--tag", help="checkpoint tag, e.g. step_00001200 (default: the newest that loads)")
@@ -39,8 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
 
-    if not a.out.parent.is_dir():
-        return fail(f"--out {a.out}: the folder {a.out.parent} does not exist; create it first")
     if not (a.run_dir / "config.yaml").is_file():
         return fail(f"{a.run_dir} is not a run directory (no config.yaml): pass the checkpoint.run_dir of a run")
 
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config([a.run_dir / "config.yaml"])
         state_dict = consolidated_state_dict(a.run_dir, a.tag, a.ema)
+        a.out.parent.mkdir(parents=True, exist_ok=True)  # once the weights are read: a bad run leaves no folders
         (export.save_local_dir if fmt == "local-dir" else export.save_safetensors)(state_dict, cfg, a.out)
     except (ConfigError, CheckpointError) as e:
         return fail(str(e))

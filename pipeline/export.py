@@ -21,7 +21,7 @@ import torch
 from timm.models import filter_pretrained_cfg, get_pretrained_cfg
 
 from . import models  # noqa: F401  (registers sovit_* with timm: their default cfgs are the base of the export's)
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, atomic_write
 from .config import RunConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the names timm's local-dir loader looks for first
@@ -71,12 +71,12 @@ def _plain(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], cfg: RunConfig, path: Path) -> None:
-    """fp32 weights with the hub config in the header, written atomically."""
-    from safetensors.torch import save_file
+    """fp32 weights with the hub config in the header, written atomically. Serialised here and written by Python,
+    not by safetensors' ``save_file``, which creates its file 0600 whatever the umask: colleagues on a shared
+    filesystem could read config.json but not the weights beside it."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(_plain(state_dict), str(tmp), metadata={"config": json.dumps(hub_config(cfg))})
-    tmp.replace(path)
+    atomic_write(path, save(_plain(state_dict), metadata={"config": json.dumps(hub_config(cfg))}))
 
 
 def save_local_dir(state_dict: dict[str, torch.Tensor], cfg: RunConfig, out: Path) -> None:

@@ -4,6 +4,7 @@ export alone and reproduce the run's own top-1; damaged or foreign checkpoints e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -113,6 +114,22 @@ def test_ema_export_to_one_file_is_the_evaluated_ema(run, tmp_path):
     assert not torch.equal(ema["head.weight"], consolidated_state_dict(run)["head.weight"])
 
 
+def test_exports_create_their_folders_and_honour_the_umask(run, tmp_path):
+    """README's ``--out exports/sovit19`` on a fresh clone: missing parents are created. Every exported file, and
+    training's best.safetensors, gets the process umask as config.json does (safetensors' own writer made the
+    weights 0600: unreadable to colleagues on a shared filesystem)."""
+    umask = os.umask(0o027)
+    try:
+        assert export([str(run), "--out", str(tmp_path / "exports" / "sovit7")]) == 0
+        assert export([str(run), "--out", str(tmp_path / "files" / "deeper" / "m.safetensors")]) == 0
+    finally:
+        os.umask(umask)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*") if p.is_file()}
+    assert modes == {"exports/sovit7/config.json": 0o640, "exports/sovit7/model.safetensors": 0o640,
+                     "files/deeper/m.safetensors": 0o640}
+    assert (run / "best.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # the trainer ran under ``umask``
+
+
 def test_export_fine_tunes_to_other_classes_in_timm(tmp_path):
     """The config names both classifiers, so timm drops them (not the backbone) for another class count."""
     cfg = load_config([], ["model.num_classes=4", "model.img_size=32", "data.img_size=32"])
@@ -178,7 +195,6 @@ def test_bad_arguments_are_one_error_line(run, exported, synthetic_root, tmp_pat
 
     save_file(load_file(exported / "model.safetensors"), bare)  # no config in the header
     cases = [
-        (export, [str(run), "--out", str(tmp_path / "missing" / "m")], "folder"),
         (export, [str(tmp_path), "--out", str(tmp_path / "m")], "not a run directory"),
         (export, [str(run), "--out", str(tmp_path / "notes")], "not an earlier export"),
         (evaluate, ["--checkpoint", str(tmp_path), "--data", val], "neither a run directory"),
