@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -12,15 +14,25 @@ import pytest
 import torch
 from conftest import TRAIN, tiny_run
 
-from pipeline import metrics
+from pipeline import metrics, trainer
+
+# a clean environment for train.py; PYTHONPATH passes through (a checkout's code over the installed one)
+ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
 
 
 def test_a_finished_run_says_what_it_achieved_and_what_to_do_next(synthetic_root, tmp_path):
+    """Also what a SLURM log or CI gets (stderr not a terminal): one plain progress line per log interval, no
+    ``\\r`` and no escape codes."""
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, run_dir, 18, "train.log_every_steps=3",
                                                                  "train.eval_every_epochs=1")],
-                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "\r" not in proc.stderr and "\x1b" not in proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in progress] == [f"{s}/18" for s in range(3, 19, 3)], proc.stderr[-3000:]
+    assert all(re.fullmatch(r"step \d+/18 \(\d+%\) loss [\d.]+ lr [\d.e+-]+ img_s \d+ \[[\d:]+<[\d:?]+\]", line)
+               for line in progress), progress
     out = proc.stdout.splitlines()
     assert out[0].startswith("starting: sovit_7, 1 rank(s) on cpu") and "18 steps (train.max_steps;" in out[0]
     evals = [line for line in out if line.startswith("epoch ")]
@@ -58,7 +70,7 @@ def test_a_compiled_run_times_its_compilation_and_keeps_its_state_dict_keys(synt
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, run_dir, 3, "train.compile=true",
                                                                  "mixup.mixup=0", "mixup.cutmix=0")],
-                          capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+                          capture_output=True, text=True, timeout=600, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "torch.compile: the first step took" in proc.stdout
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -67,10 +79,22 @@ def test_a_compiled_run_times_its_compilation_and_keeps_its_state_dict_keys(synt
     assert "head.weight" in keys and not any("_orig_mod" in k for k in keys)
 
 
+def test_a_terminal_keeps_its_progress_bar(monkeypatch):
+    """Only a log file gets plain lines: on a terminal the trainer's progress is tqdm's bar, as before."""
+    from tqdm import tqdm
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    bar = trainer._progress(10, 0, True)
+    assert isinstance(bar, tqdm)
+    bar.close()
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    assert isinstance(trainer._progress(10, 0, True), trainer.LineProgress)
+
+
 def test_the_terminal_stays_quiet(synthetic_root, tmp_path):
     """What DeepSpeed and torch print on every CPU start, once per rank, is not shown."""
     proc = subprocess.run([sys.executable, str(TRAIN), *tiny_run(synthetic_root, tmp_path / "run", 1)],
-                          capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin"})
+                          capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for noise in ("Setting accelerator to CPU", "No CUDA runtime is found", "built successfully"):
         assert noise not in proc.stdout + proc.stderr
