@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import ConfigError, DataConfig
 
-from .base import DataError, Loader, Split, sidecar_path
+from .base import DataError, Loader, Split, read_sidecar, sidecar_path, split_path
 
 
 def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
@@ -33,4 +33,15 @@ def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: tor
     return impl(cfg, split, rank, world_size, device, num_classes, classes)
 
 
-__all__ = ["DataError", "Loader", "build", "sidecar_path"]
+def class_names(cfg: DataConfig, split: Split) -> list[str]:
+    """The class names ``split`` holds, read without opening an image: the .beton sidecar's list (ffcv) or the
+    ImageFolder's class directories. Their count is what ``model.num_classes`` defaults to."""
+    path = split_path(cfg, split)
+    if cfg.loader == "ffcv":
+        return read_sidecar(path)["classes"]
+    from .folders import find_classes
+
+    return find_classes(path)
+
+
+__all__ = ["DataError", "Loader", "build", "class_names", "sidecar_path"]

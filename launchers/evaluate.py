@@ -61,6 +61,7 @@ def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> 
     m = cfg.model
     info = distributed.init()
     try:
+        m.num_classes = m.num_classes or len(data_loaders.class_names(cfg.data, "val"))
         loader = data_loaders.build(cfg.data, "val", info.rank, info.world_size, info.device,
                                     num_classes=m.num_classes)
         model = timm.create_model(m.arch, num_classes=m.num_classes, img_size=m.img_size, head=m.head)

@@ -34,7 +34,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     arch: str = "sovit_7"
     img_size: int = 224
-    num_classes: int = 1000
+    num_classes: int | None = None  # None: the data's class count (the .beton sidecar or the train ImageFolder)
     drop_path_rate: float = 0.1
     drop_rate: float = 0.0
     head: Literal["so", "cls"] = "so"  # "cls" switches the second-order branch off (ablation)
@@ -167,7 +167,8 @@ class RunConfig:
         """Cross-field checks. With ``world_size`` also the batch arithmetic of that many ranks."""
         m, d, t = self.model, self.data, self.train
         _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
-        _check(m.num_classes >= 2, "model.num_classes", m.num_classes, "an integer >= 2")
+        _check(m.num_classes is None or m.num_classes >= 2, "model.num_classes", m.num_classes,
+               "an integer >= 2, or null for the data's class count")
         _check(m.img_size >= 32 and m.img_size % 8 == 0, "model.img_size", m.img_size,
                "a multiple of 8, at least 32 (the token embedding downsamples by 8 or more)")
         _check(d.img_size == m.img_size, "data.img_size", d.img_size,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from data_loaders.base import check_classes, read_sidecar
+from data_loaders import class_names
+from data_loaders.base import check_classes
 from pipeline import slurm
 from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args
 from pipeline.distributed import cpu_threads
@@ -94,7 +95,8 @@ def _check(ok, what: str, expected: str) -> None:
 
 def _check_data(cfg: RunConfig) -> None:
     """Data must exist now, on the submitting machine (SLURM nodes share its file system), with the class count the
-    model has: the .beton sidecars hold the class names, so a mismatch is an error here rather than in the queue."""
+    model has (by default, the count the data has): the .beton sidecars and the ImageFolders name their classes, so
+    a mismatch is an error here rather than in the queue."""
     d = cfg.data
     _check(d.train, "no training data", "--data DIR (train.beton/val.beton for ffcv, train/ val/ otherwise) or --set "
            "data.train=... --set data.val=...")
@@ -105,10 +107,10 @@ def _check_data(cfg: RunConfig) -> None:
     for key, path in (("data.train", d.train), ("data.val", d.val)):
         _check(Path(path).is_file() if ffcv else Path(path).is_dir(), f"{key}={path} (loader {d.loader})",
                f"{kind} that exists")
-    if ffcv:
-        train = read_sidecar(d.train)["classes"]
-        check_classes(train, d.train, cfg.model.num_classes)
-        check_classes(read_sidecar(d.val)["classes"], d.val, cfg.model.num_classes, train)
+    train = class_names(d, "train")
+    cfg.model.num_classes = cfg.model.num_classes or len(train)
+    check_classes(train, d.train, cfg.model.num_classes)
+    check_classes(class_names(d, "val"), d.val, cfg.model.num_classes, train)
 
 
 def tool(name: str) -> str:

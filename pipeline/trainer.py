@@ -155,6 +155,7 @@ def run(cfg: RunConfig) -> RunResult:
     try:
         cfg.validate(info.world_size)
         _resolve_device_defaults(cfg, info.device)
+        cfg.model.num_classes = cfg.model.num_classes or len(data_loaders.class_names(cfg.data, "train"))
         run_dir = _resolve_run_dir(cfg)
         lock = checkpoint.RunLock(run_dir)
         _lock(lock, run_dir, info.is_main)
