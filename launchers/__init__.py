@@ -1,1 +1,26 @@
-"""Entry points: submit (SLURM via submitit, or local), train (one rank), evaluate, export."""
+"""Entry points: submit (SLURM via submitit, or local), train (one rank), evaluate, export, sync_mlflow."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring's own line breaks and indentation, and each option's default beside it where it has one: None,
+    False and [] mean "not given", which the option's own help explains ("(default: None)" after "default: the
+    node's CPUs" contradicted it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, default = action.help or "", action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS or "%(" in text:
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def parser(prog: str, doc: str, show_defaults: bool = False) -> argparse.ArgumentParser:
+    """An argument parser whose ``--help`` is the launcher's whole docstring, as plain text: the first paragraph is
+    the description, the rest the epilog (double backticks mark code for readers of the source, not of a terminal)."""
+    description, _, epilog = doc.replace("``", "").strip().partition("\n\n")
+    formatter = _DefaultsHelpFormatter if show_defaults else argparse.RawDescriptionHelpFormatter
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog or None,
+                                   formatter_class=formatter)

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launchers import parser
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,7 @@ def load(a: argparse.Namespace) -> tuple[RunConfig, Callable[[], dict[str, torch
     ZeRO shards can take minutes, so it waits until the data has been checked."""
     from pipeline import export
     from pipeline.checkpoint import CheckpointError, consolidated_state_dict
-    from pipeline.config import config_from_args, load_config
+    from pipeline.config import DataConfig, config_from_args, load_config
 
     ckpt = a.checkpoint
     if (ckpt / "config.yaml").is_file():
@@ -46,8 +48,10 @@ def load(a: argparse.Namespace) -> tuple[RunConfig, Callable[[], dict[str, torch
     hub, state_dict = export.read_exported(ckpt)
     if hub is None and not (a.arch or a.config or a.overrides):
         raise CheckpointError(f"{ckpt} carries no config in its header: re-export it with launchers/export.py, or "
-                              "pass --arch N --set model.img_size=S --set model.num_classes=C")
-    a.overrides = [*(export.hub_overrides(hub) if hub else []), *a.overrides]  # the user's --set wins
+                              "pass --arch N --set model.img_size=S (the class count defaults to the data's)")
+    # an export carries no worker count: take the default, within this machine's cores; the user's --set wins
+    workers = f"data.workers={min(DataConfig.workers, len(os.sched_getaffinity(0)))}"
+    a.overrides = [*(export.hub_overrides(hub) if hub else []), workers, *a.overrides]
     return config_from_args(a), lambda: state_dict
 
 
@@ -80,9 +84,7 @@ def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> 
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import add_config_args  # yaml only: --help stays instant
 
-    p = argparse.ArgumentParser(prog="launchers/evaluate.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = parser("launchers/evaluate.py", __doc__)
     p.add_argument("--checkpoint", type=Path, required=True,
                    help="a run directory, an exported folder or a .safetensors file")
     p.add_argument("--data", required=True, help="the val split: a .beton (ffcv) or an ImageFolder directory")

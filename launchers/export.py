@@ -17,15 +17,14 @@ unopened. Exit codes: 0 written, 2 one ``error:`` line (bad run directory, check
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from launchers import parser
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launchers/export.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p = parser("launchers/export.py", __doc__)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by launchers/train.py")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (or FILE.safetensors); missing parent folders are created")

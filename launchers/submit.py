@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from data_loaders import DataError
+from launchers import parser
 from launchers.train import EXIT_CODES
 from pipeline import slurm
 from pipeline.config import ConfigError, RunConfig, add_config_args, plain
@@ -27,8 +28,7 @@ from pipeline.trainer import default_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="launchers/submit.py", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("launchers/submit.py", __doc__, show_defaults=True)
     add_config_args(p)
     where = p.add_argument_group("where")
     where.add_argument("--local", action="store_true",
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--dry-run", action="store_true",
                        help="print the resolved config, sbatch script and per-GPU memory estimate; submit nothing")
     res = p.add_argument_group("SLURM resources (one task per GPU)")
-    res.add_argument("--nodes", type=int, default=1)
+    res.add_argument("--nodes", type=int, default=1, help="nodes to run on")
     res.add_argument("--gpus-per-node", type=int, default=None,
                      help="ranks per node; default 8 on SLURM, the local GPU count (or 2 on a CPU) with --local")
     res.add_argument("--cpu", action="store_true",

@@ -7,15 +7,15 @@ also next to a live run, and again: nothing is sent twice.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from launchers import parser
 from pipeline import tracking
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="launchers/sync_mlflow.py", description=__doc__.splitlines()[0])
+    p = parser("launchers/sync_mlflow.py", __doc__)
     p.add_argument("run_dir", type=Path, help="run directory (or its metrics.jsonl)")
     p.add_argument("--uri", help="tracking URI (default: the one the run logged to)")
     a = p.parse_args(argv)

@@ -8,10 +8,11 @@ requeues its own job; under submitit (launchers/submit.py) submitit requeues it.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
+
+from launchers import parser
 
 EXIT_CODES = {"FINISHED": 0, "STOPPED": 0, "FAILED": 1, "KILLED": 143}
 
@@ -29,9 +30,9 @@ def requeue_self() -> None:
 def main(argv: list[str] | None = None) -> int:
     from pipeline.config import add_config_args
 
-    parser = argparse.ArgumentParser(prog="launchers/train.py", description=__doc__.splitlines()[0])
-    add_config_args(parser)
-    args = parser.parse_args(argv)
+    p = parser("launchers/train.py", __doc__)
+    add_config_args(p)
+    args = p.parse_args(argv)
 
     from data_loaders import DataError
     from pipeline.checkpoint import CheckpointError

@@ -119,6 +119,40 @@ def test_bad_arguments_are_one_clear_line(args, names, fake_dataset, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing written, nothing submitted
 
 
+@pytest.mark.parametrize("loader", ["ffcv", "torchvision"])
+def test_class_count_comes_from_the_data(loader, tmp_path):
+    """The README's dry run on a dataset of 4 classes needs no model.num_classes: the .beton sidecars, or the
+    ImageFolder's class directories, say it. An explicit count that disagrees is an error."""
+    if loader == "ffcv":
+        data = fake_betons(tmp_path / "data", classes=4)
+    else:
+        data = tmp_path / "data"
+        for split in ("train", "val"):
+            for c in range(4):
+                (data / split / f"n{c:05d}").mkdir(parents=True)
+    r = run_submit("--arch", "7", "--data", str(data), "--loader", loader, "--dry-run", cwd=tmp_path, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "model:\n  arch: sovit_7\n  img_size: 224\n  num_classes: 4\n" in r.stdout
+    r = run_submit("--arch", "7", "--data", str(data), "--loader", loader, "--dry-run", "--set",
+                   "model.num_classes=10", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2 and "has 4 classes but model.num_classes=10" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name", ["submit", "train", "evaluate", "export", "sync_mlflow"])
+def test_help_is_the_whole_docstring_in_plain_text(name, capsys):
+    """``--help`` shows every line of the launcher's docstring (submit.py's stopped mid-sentence), without the
+    docstring's double backticks, and no "(default: None)" beside options whose help explains their default."""
+    import importlib
+
+    module = importlib.import_module(f"launchers.{name}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "``" not in out and "(default: None)" not in out
+    missing = [line for line in module.__doc__.replace("``", "").strip().splitlines() if line not in out]
+    assert missing == []
+
+
 def test_val_classes_must_match_the_train_sidecar(tmp_path):
     data = fake_betons(tmp_path / "data")
     (data / "val.beton.json").write_text(json.dumps({"classes": ["n00000", "n99999"], "num_samples": 1}))
