@@ -22,8 +22,9 @@ from data_loaders import DataError
 from launchers import parser
 from launchers.train import EXIT_CODES
 from pipeline import slurm
-from pipeline.config import ConfigError, RunConfig, add_config_args, plain
-from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, UsageError, make_plan, run_local, tool
+from pipeline.config import ConfigError, add_config_args, plain
+from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, UsageError, make_plan, run_local
+from pipeline.tracking import ui_link
 from pipeline.trainer import default_run_dir
 
 
@@ -81,7 +82,8 @@ def local(args: argparse.Namespace, plan: Plan) -> int:
     print(f"{'done' if result.status == 'FINISHED' else result.status} in {time.time() - t0:.0f} s on "
           f"{plan.ranks_per_node} local ranks: validation top-1 "
           f"{f'{top1:.2f}%' if top1 is not None else 'not evaluated'}\n{result.summary(plan.cfg.data.val)}")
-    print(f"watch: {_mlflow_ui(plan.cfg)}")
+    if plan.cfg.tracking.enabled:
+        print(f"watch: {result.link or ui_link(plan.cfg.tracking.uri)}")
     return EXIT_CODES[result.status]
 
 
@@ -92,12 +94,9 @@ def submit(args: argparse.Namespace, plan: Plan) -> int:
     print(f"  logs     {job.paths.folder}/{job.job_id}_<rank>_log.out (.err)")
     print(f"  run dir  {cfg.checkpoint.run_dir or Path.cwd() / default_run_dir(cfg.model.arch, job.job_id)}")
     print(f"  watch    squeue -j {job.job_id}; tail -f {job.paths.stderr}   # rank 0's progress bar")
-    print(f"           {_mlflow_ui(cfg)}")
+    if cfg.tracking.enabled:
+        print(f"           {ui_link(cfg.tracking.uri)}")
     return 0
-
-
-def _mlflow_ui(cfg: RunConfig) -> str:
-    return f"{tool('mlflow')} ui --backend-store-uri {cfg.tracking.uri}   # then open http://127.0.0.1:5000"
 
 
 def _print_dry_run(args: argparse.Namespace, plan: Plan) -> int:

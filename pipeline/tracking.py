@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,7 +45,8 @@ VIEW_KEY = "sovit-training"
 _COLUMNS = ["metrics.`val/best_top1`", "metrics.`val/top1`", "metrics.`train/loss`"]
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development",
                    f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps({"selectedColumns": _COLUMNS})}
-TRAINING_VIEW = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+WORKFLOW = "workflowType=machine_learning"
+TRAINING_VIEW = f"{WORKFLOW}&viewStateShareKey={VIEW_KEY}"
 _USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s/@:]+)(?P<password>:[^\s/@]*)?@")
 
 
@@ -53,11 +55,13 @@ def configure() -> None:
 
     One short HTTP attempt per call (the background thread owns retrying), no telemetry calls home (MLflow reads
     that flag when it is first imported, hence the environment comes first), and a quiet terminal: no MLflow/alembic
-    INFO lines (table creation, migrations, system-metrics monitoring; warnings still show) and no "View run at"
-    lines, which would show the URI's credentials and open the GenAI view (``ui_link`` is the link to print).
-    Values exported by the user win over these defaults."""
+    INFO lines (table creation, migrations, system-metrics monitoring; warnings still show), no "View run at"
+    lines, which would show the URI's credentials and open the GenAI view (``ui_link`` is the link to print), and
+    no artifact progress bars (the logged model's files, at the end of a run). Values exported by the user win over
+    these defaults."""
     for key, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5"),
-                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")):
+                       ("MLFLOW_DISABLE_TELEMETRY", "true"), ("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true"),
+                       ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
         os.environ.setdefault(key, value)
     import mlflow  # noqa: F401  (it sets its logger to INFO when imported: import first, then quieten)
 
@@ -87,6 +91,19 @@ def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///") or uri.startswith("sqlite:///:memory:"):
         return None
     return Path(uri[len("sqlite:///"):].split("?")[0])
+
+
+def ui_link(uri: str, experiment_id: str | None = None) -> str:
+    """Where to watch in MLflow's training view: the experiment's runs, or before a run has made its experiment
+    (a job still in the queue) the list of experiments, also in the training view (MLflow's root opens the GenAI
+    view). A URL for an HTTP server (credentials left out), else the ``mlflow ui`` command for the store, then the
+    URL to open."""
+    path = f"/#/experiments/{experiment_id}/runs?{TRAINING_VIEW}" if experiment_id else f"/#/experiments?{WORKFLOW}"
+    parts = urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")) + path
+    mlflow = Path(sys.executable).parent / "mlflow"
+    return f"{mlflow} ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000{path}"
 
 
 def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
@@ -130,12 +147,12 @@ class JsonlTracker(Tracker):
 
     Readable with no server at all, and it survives requeues: a resumed run appends to the same file. Lines with a
     ``step`` are metrics (``{"step": 100, "timestamp": ms, "train/loss": 2.3}``); the others carry exactly one of
-    ``params``, ``tags``, ``status``, ``artifact``, ``dataset``."""
+    ``params``, ``tags``, ``status``, ``artifact``, ``dataset``, ``model``."""
 
     def __init__(self, path: Path, courier: MlflowCourier | None = None, spool: Any = None):
         self.path, self.courier = Path(path), courier
         self._spool = spool  # the temporary directory holding ``path`` when the caller gave no record: kept alive
-        self._best: Path | None = None
+        self._best: tuple[Path, int] | None = None  # the best weights and the step of their evaluation
 
     @property
     def run_id(self) -> str | None:
@@ -171,19 +188,20 @@ class JsonlTracker(Tracker):
                                  "profile": json.dumps(profile)}, "context": context})
 
     def log_best(self, path: str | Path, top1: float, step: int) -> None:
-        """New best weights at ``path``: ``val/best_top1`` is logged now, and the file is uploaded once, by
-        ``finish``, rather than at every improvement (it is rewritten in place and can be large)."""
+        """New best weights at ``path``: ``val/best_top1`` is logged now, and the file becomes the run's logged
+        model once, by ``finish``, rather than at every improvement (it is rewritten in place and can be large)."""
         self.log_metrics({"val/best_top1": top1}, step)
-        self._best = Path(path)
+        self._best = (Path(path).resolve(), step)
 
     def ui_link(self) -> str | None:
         return self.courier.ui_link() if self.courier else None
 
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
-        """Appends the final status (and the best weights) and waits at most ``timeout`` s for MLflow to take the
-        whole record; whatever it has not taken then stays in the record for a later start or sync."""
-        if self._best is not None:
-            self.log_artifact(self._best)
+        """Appends the best weights (as a logged model) and the final status, and waits at most ``timeout`` s for
+        MLflow to take the whole record; whatever it has not taken then stays in the record for a later start or
+        sync."""
+        if self._best is not None and self._best[0].is_file():
+            self.append({"model": str(self._best[0]), "best_step": self._best[1]})
         self.append({"status": status})
         if self.courier and not self.courier.finish(timeout):
             rest = ("lost (no record file was given)" if self._spool else "delivered by the next start of this run, "
@@ -368,6 +386,10 @@ class MlflowCourier:
         elif "dataset" in rec:
             c.log_inputs(run, datasets=[DatasetInput(Dataset(**rec["dataset"]),
                                                      tags=[InputTag("mlflow.data.context", rec["context"])])])
+        elif "model" in rec:
+            hub = _exported_config(Path(rec["model"]))
+            if hub is not None:
+                log_best_model(c, run, self._experiment_id, Path(rec["model"]), hub, rec["best_step"])
 
     def _ensure_run(self, state: dict[str, Any]) -> None:
         """Finds the run of the state (or creates it, in an experiment that opens in the training view)."""
@@ -426,16 +448,7 @@ class MlflowCourier:
             warnings.warn(f"MLflow system metrics are off: {redact(str(e))}", stacklevel=2)
 
     def ui_link(self) -> str | None:
-        """Where to watch the run in MLflow's training view: a URL for an HTTP server (credentials left out),
-        else the ``mlflow ui`` command for the store, then the URL path to open."""
-        if self._experiment_id is None:
-            return None
-        path = f"/#/experiments/{self._experiment_id}/runs?{TRAINING_VIEW}"
-        parts = urlsplit(self.uri)
-        if parts.scheme in ("http", "https"):
-            return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")) + path
-        mlflow = Path(sys.executable).parent / "mlflow"
-        return f"{mlflow} ui --backend-store-uri {redact(self.uri)}, then open http://127.0.0.1:5000{path}"
+        return ui_link(self.uri, self._experiment_id) if self._experiment_id is not None else None
 
     # ---- files
     def read_state(self, missing_ok: bool = False) -> dict[str, Any] | None:
@@ -472,6 +485,81 @@ class MlflowCourier:
             return contextlib.nullcontext()
         db.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(db.with_name(db.name + ".lock"))
+
+
+def _exported_config(weights: Path) -> dict[str, Any] | None:
+    """The config in the header of the best weights; None, with a warning, for a file that is gone or is not one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return json.loads(f.metadata()["config"])
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        warnings.warn(f"best weights {weights} are not a readable export ({type(e).__name__}: {e}); no logged "
+                      "model", stacklevel=2)
+        return None
+
+
+def log_best_model(client, run_id: str, experiment_id: str, weights: Path, hub: dict[str, Any], step: int) -> str:
+    """The best weights as an MLflow 3 logged model of ``run_id`` (the Models tab), made as MLflow's own
+    ``log_model`` makes one, with the client of this run's store: the run's params, an output of the run at ``step``
+    (the best evaluation) with the run's val metrics at that step linked to it, and READY once its files are up.
+    ``hub`` is the export config that the weights' header carries.
+
+    The files are a pyfunc from code (pipeline/mlflow_pyfunc.py, with this package as its code: nothing pickled)
+    around the timm local-dir export of the weights: ``mlflow.pyfunc.load_model("models:/ID")`` predicts, and the
+    downloaded ``artifacts/export`` folder is what ``timm.create_model("local-dir:...", pretrained=True)`` reads."""
+    import mlflow
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus, Metric
+    from mlflow.models import Model
+
+    run = client.get_run(run_id)
+    model = client.create_logged_model(experiment_id, name=hub["architecture"], source_run_id=run_id,
+                                       params=run.data.params)
+    try:
+        client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+        client.log_batch(run_id, metrics=[
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=model.model_id, run_id=run_id)
+            for key in run.data.metrics if key.startswith("val") for m in client.get_metric_history(run_id, key)
+            if m.step == step])
+        with tempfile.TemporaryDirectory() as tmp:
+            export = Path(tmp, "export")
+            export.mkdir()
+            (export / "config.json").write_text(json.dumps(hub, indent=1))
+            shutil.copyfile(weights, export / "model.safetensors")  # a copy: MLflow refuses links out of a folder
+            with warnings.catch_warnings():  # the signature says what an example would; an image batch is large
+                warnings.filterwarnings("ignore", message=".*An input example was not provided")
+                mlflow.pyfunc.save_model(
+                    Path(tmp, "model"), python_model=str(Path(__file__).with_name("mlflow_pyfunc.py")),
+                    artifacts={"export": str(export)}, code_paths=[str(PROJECT_DIR / "pipeline")],
+                    pip_requirements=_requirements("torch", "timm", "safetensors", "numpy"),
+                    signature=_signature(hub), mlflow_model=Model(artifact_path=model.artifact_location,
+                                                                  model_uuid=model.model_id, run_id=run_id,
+                                                                  model_id=model.model_id))
+            client.log_model_artifacts(model.model_id, str(Path(tmp, "model")))
+    except BaseException:
+        client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+        raise
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    return model.model_id
+
+
+def _requirements(*packages: str) -> list[str]:
+    """This environment's versions, without local labels (``2.14.1+cpu`` is not on PyPI), as MLflow infers them."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p).split('+')[0]}" for p in packages]
+
+
+def _signature(hub: dict[str, Any]):
+    """A float32 image batch at the export's size in, logits out."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    size = hub["model_args"]["img_size"]
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype("float32"), (-1, 3, size, size))]),
+                          outputs=Schema([TensorSpec(np.dtype("float32"), (-1, hub["num_classes"]))]))
 
 
 def _refused(e: Exception) -> bool:

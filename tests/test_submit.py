@@ -192,7 +192,7 @@ def test_console_entry_point_runs_the_launcher(fake_dataset, tmp_path):
 @pytest.mark.multiproc
 def test_local_run_listens_on_the_loopback_only(synthetic_betons, tmp_path):
     """Two local CPU ranks: the rendezvous store and gloo bind 127.0.0.1, never every interface; the hint names an
-    mlflow that exists."""
+    mlflow that exists and opens the run's experiment in the training view."""
     proc = subprocess.Popen([sys.executable, str(SUBMIT), *TINY_LOCAL, "--data", str(synthetic_betons["train"].parent),
                              "--run-dir", "run"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -210,8 +210,13 @@ def test_local_run_listens_on_the_loopback_only(synthetic_betons, tmp_path):
     assert len({pid for _, pid in listening}) >= 2, listening  # the launcher's store and the ranks' gloo
     assert {ip for ip, _ in listening} == {"127.0.0.1"}, listening
     assert json.loads((tmp_path / "run" / "final_metrics.json").read_text())["step"] == 2
-    hint = re.search(r"^watch: (\S+) ui --backend-store-uri sqlite:///(\S+)", out, flags=re.M)
+    hint = re.search(r"^watch: (\S+) ui --backend-store-uri sqlite:///(\S+), then open (\S+)$", out, flags=re.M)
     assert hint and (tmp_path / hint.group(1)).resolve().is_file() and Path(hint.group(2)).is_file(), out
+    # the run's experiment in MLflow's training view; no printed link leads to the GenAI home
+    assert re.fullmatch(r"http://127\.0\.0\.1:5000/#/experiments/\d+/runs\?workflowType=machine_learning&.*",
+                        hint.group(3)), hint.group(3)
+    links = [line for line in out.splitlines() if "127.0.0.1:5000" in line]
+    assert len(links) >= 2 and all("workflowType=machine_learning" in line for line in links), links
 
 
 @pytest.mark.multiproc

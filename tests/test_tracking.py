@@ -14,10 +14,14 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
+import timm
+import torch
 from mlflow import MlflowClient
 
-from pipeline import tracking
+from pipeline import export, tracking
 from pipeline.config import load_config
 from pipeline.distributed import free_port
 
@@ -83,8 +87,14 @@ def _sidecar(tmp_path: Path) -> Path:
     return path
 
 
-def test_run_has_params_metrics_tags_dataset_best_and_resume_appends(mlflow_server, tmp_path, capfd):
+def test_run_has_params_metrics_tags_dataset_best_and_resume_appends(mlflow_server, tmp_path, capfd, monkeypatch):
+    """... and the best weights are an MLflow 3 logged model of the run (its Models tab): linked to the run and to
+    its val metrics at the best step, and loadable through MLflow, with the outputs of the weights it was made of."""
     uri = mlflow_server[0]
+    torch.manual_seed(0)
+    best = timm.create_model("sovit_7", num_classes=4, img_size=32).eval()
+    export.save_safetensors(best.state_dict(), load_config([], ["model.num_classes=4", "model.img_size=32",
+                                                                "data.img_size=32"]), tmp_path / "best.safetensors")
     cfg = _cfg(uri.replace("http://", "http://alice:s3cretTOKEN@"), run_dir=tmp_path / "sovit7-demo")
     t = tracking.start(cfg, rank=0, world_size=8, tags={"extra": "yes"})
     _wait_for(lambda: t.run_id is not None)  # created at start, or by the thread if the loaded server was slow
@@ -93,7 +103,7 @@ def test_run_has_params_metrics_tags_dataset_best_and_resume_appends(mlflow_serv
     (tmp_path / "config.yaml").write_text("x: 1\n")
     t.log_artifact(tmp_path / "config.yaml")
     t.log_dataset(_sidecar(tmp_path), context="train")
-    (tmp_path / "best.safetensors").write_bytes(b"weights")
+    t.log_metrics({"val/top1": 61.5, "val/loss": 0.9}, step=3)
     t.log_best(tmp_path / "best.safetensors", top1=61.5, step=3)
     t.finish("KILLED")  # a requeue
     run_id = t.run_id
@@ -110,7 +120,18 @@ def test_run_has_params_metrics_tags_dataset_best_and_resume_appends(mlflow_serv
     assert _steps(client, run_id) == [1, 2, 3, 4]
     assert run.data.metrics["val/best_top1"] == 61.5
     assert run.info.status == "FINISHED"
-    assert sorted(a.path for a in client.list_artifacts(run_id)) == ["best.safetensors", "config.yaml"]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["config.yaml"]
+    [model] = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert model.name == "sovit_7" and model.source_run_id == run_id and str(model.status) == "READY"
+    assert model.params["model.arch"] == "sovit_7"
+    assert {(m.key, m.value, m.step) for m in model.metrics} == {("val/top1", 61.5, 3), ("val/loss", 0.9, 3),
+                                                                ("val/best_top1", 61.5, 3)}
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 3)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    loaded = mlflow.pyfunc.load_model(f"models:/{model.model_id}")
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert np.array_equal(loaded.predict(x.numpy()), best(x).numpy())
     [dataset] = run.inputs.dataset_inputs
     assert dataset.dataset.name == "train.beton" and len(dataset.dataset.digest) == 16
     assert json.loads(dataset.dataset.source)["uri"] == str(tmp_path / "train.beton")
