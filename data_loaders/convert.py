@@ -242,8 +242,11 @@ def _check_destination(out: Path, overwrite: bool) -> None:
         raise DataError(f"--out {out} is a directory: expected a .beton file name, e.g. {out / 'train.beton'}")
     if out.suffix != ".beton":
         raise DataError(f"--out {out} is invalid: expected a file name ending in .beton")
-    if not out.parent.is_dir():
-        raise DataError(f"--out {out}: directory {out.parent} does not exist: create it first")
+    try:  # a missing folder is made, as the README's /data/betons/ may be on a fresh machine
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create its folder {out.parent} ({e.strerror}): choose another --out"
+                        ) from None
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise DataError(f"--out {out}: directory {out.parent} is not writable: fix its permissions or choose another "
                         "--out")
