@@ -246,3 +246,6 @@ def test_embedded_demo_reaches_60_percent_top1(tmp_path):
     assert m and float(m.group(1)) >= 60.0, r.stdout[-2000:]
     assert (tmp_path / "data" / "synthetic" / "train.beton").is_file() and (tmp_path / "mlflow.db").is_file()
     assert "mlflow ui" in r.stdout
+    [run_dir] = (tmp_path / "runs").iterdir()  # one name for the demo's run directory, in the docs as on disk
+    assert re.fullmatch(r"sovit_7-\d{8}-\d{6}", run_dir.name), run_dir
+    assert all("runs/sovit_7-" in (ROOT / doc).read_text() for doc in ("configs/demo.yaml", "docs/tracking.md"))

@@ -14,6 +14,8 @@ Each ``@register_model`` function passes a fresh dict: the authors' register fun
 dicts, so building one variant changed the next.
 """
 
+# No ``from __future__ import annotations`` here: torch.fx copies forward's annotations into the code it generates,
+# where TorchScript cannot resolve a string one (scripting a traced So-ViT failed: "Unknown type name '_Tensor_'").
 import math
 from typing import Any, Literal
 
