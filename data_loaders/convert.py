@@ -1,48 +1,54 @@
 """ImageFolder split -> FFCV ``.beton`` (fields ``image``, ``label``) plus a JSON sidecar ``<out>.json``.
 
     python -m data_loaders.convert --src imagenet/train --out betons/train.beton --max-resolution 256
-    python -m data_loaders.convert --src imagenet/val --out betons/val.beton --classes-from betons/train.beton.json
+    python -m data_loaders.convert --src imagenet/val --out betons/val.beton --classes-from betons/train.beton.json \
+        --eval-size 224
 
-Real ImageNet copies are dirty, and FFCV's writer waits forever once one of its workers dies on a bad image.
-So every file is checked first, in parallel and cheaply (JPEGs are decoded at reduced DCT scale, which still
-reads the whole entropy-coded stream and so catches truncation): undecodable files are skipped and named, with
-the reason, on the console and in the sidecar, as are files the folder scan does not read (other extensions,
-dangling image symlinks). What FFCV's workers then read is normalised to 8-bit RGB (CMYK, grayscale, palette,
-alpha, 16-bit, PNG bytes under a .JPEG name, ...), and a watchdog turns a worker that dies anyway into an error
-instead of a hang. Output appears atomically: a temporary file is renamed at the end, the sidecar last, so an
-interrupted run leaves nothing that looks complete and never damages an earlier output; the next run removes the
-temporaries a killed one left. An existing output is replaced only with ``--overwrite``. Every problem with the
-input or the destination is a ``DataError`` (on the command line: one ``error:`` line, exit code 2), raised
-before anything is written.
+One pass: worker processes read each file once and decode it once (``encode``), and that decode is the check:
+undecodable files, and images too small for the loaders' crops, are skipped and named, with the reason, on the
+console and in the sidecar, as are files the folder scan does not read; entries outside the class folders are
+listed there as ignored, so the sidecar accounts for every entry of the source tree. This process lays the
+images out in the .beton in sample order, so the same folder gives the same bytes whatever the worker count (FFCV's
+own writer hands each page to whichever worker asks first, and draws its JPEG/raw choice from an unseeded RNG). A
+worker that dies is an error, not a hang. Output appears atomically: a temporary file is renamed at the end, the
+sidecar last, so an interrupted run leaves nothing that looks complete and never damages an earlier output; the
+next run removes the temporaries a killed one left. An existing output is replaced only with ``--overwrite``.
+Every problem with the input or the destination is a ``DataError`` (on the command line: one ``error:`` line,
+exit code 2); those with the destination are raised before anything is written.
 """
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import json
 import multiprocessing
 import os
 import re
+import signal
 import socket
-import threading
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import closing
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
-from unittest import mock
 
+import cv2
 import numpy as np
 import psutil
 from PIL import Image
 from tqdm import tqdm
 
 from .base import DataError, read_sidecar, sidecar_path
+from .encode import EvalCrop, Stored, encode
 from .folders import find_classes, scan
 
 # Giants (e.g. 5000x3500 scans, and larger) are legitimate ImageNet images; PIL refuses above 2 x 89M pixels.
-# Raised only while convert() runs, for its own worker processes.
+# Raised only in convert()'s own worker processes.
 GIANT_IMAGE_PIXELS = 300_000_000
+MAX_RESOLUTION = 16384  # a raw image of this side fills a 2 GiB FFCV page; FFCV stores sides as uint16
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,17 @@ class ConvertOptions:
     chunk_size: int = 100
     workers: int = len(os.sched_getaffinity(0))  # the cores this process may use
     limit_per_class: int | None = None
+    # a shorter side below this (as stored) is skipped: the eval centre crop of a 1-pixel line is empty
+    min_side: int = 8
+    # val: store timm's eval crop at this size (raw) instead of the resized image; None for train
+    eval_size: int | None = None
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
 
     def check(self) -> None:
         problems = [
-            (self.max_resolution >= 16, f"--max-resolution {self.max_resolution}", "an integer >= 16"),
+            (16 <= self.max_resolution <= MAX_RESOLUTION, f"--max-resolution {self.max_resolution}",
+             f"an integer in [16, {MAX_RESOLUTION}]"),
             (self.write_mode in ("jpg", "raw", "proportion"), f"--write-mode {self.write_mode!r}",
              "jpg, raw or proportion"),
             (0 <= self.compress_probability <= 1, f"--compress-probability {self.compress_probability}",
@@ -69,86 +82,28 @@ class ConvertOptions:
             (self.workers >= 1, f"--workers {self.workers}", "an integer >= 1"),
             (self.limit_per_class is None or self.limit_per_class >= 1, f"--limit-per-class {self.limit_per_class}",
              "an integer >= 1"),
+            (1 <= self.min_side <= self.max_resolution, f"--min-side {self.min_side}",
+             f"an integer in [1, --max-resolution {self.max_resolution}]"),
+            (self.eval_size is None or 16 <= self.eval_size <= MAX_RESOLUTION, f"--eval-size {self.eval_size}",
+             f"an integer in [16, {MAX_RESOLUTION}]"),
+            (0 < self.crop_pct <= 1, f"--crop-pct {self.crop_pct}", "a fraction in (0, 1]"),
         ]
+        if self.eval_size is not None:  # importing timm takes seconds (torch._dynamo): only where it is used
+            names = _timm_interpolations()
+            problems.append((self.interpolation in names, f"--interpolation {self.interpolation!r}",
+                             f"one of timm's {', '.join(names)}"))
         for ok, what, expected in problems:
             if not ok:
                 raise DataError(f"{what} is invalid: expected {expected}")
 
-
-def load_rgb(path: str, max_resolution: int) -> np.ndarray:
-    """Decode any PIL-readable image to HxWx3 uint8 RGB with its longer side at most ``max_resolution``."""
-    with Image.open(path) as im:
-        scale = min(1.0, max_resolution / max(im.size))
-        target = (max(1, round(im.width * scale)), max(1, round(im.height * scale)))
-        if im.format == "JPEG" and scale < 1:
-            im.draft("RGB", target)  # decode giants at reduced DCT scale: same result, a fraction of the work
-        im.load()
-        im = _to_rgb(im)
-        if im.size != target:
-            im = im.resize(target, Image.Resampling.BOX if scale < 0.5 else Image.Resampling.BILINEAR,
-                           reducing_gap=None)
-        return np.asarray(im, dtype=np.uint8).copy()
+    def eval_crop(self) -> EvalCrop | None:
+        return None if self.eval_size is None else EvalCrop(self.eval_size, self.crop_pct, self.interpolation)
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: rescale, don't clip to white
-        a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return Image.fromarray((a / hi * 255).clip(0, 255).astype(np.uint8), "L").convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return im.convert("RGB")
+def _timm_interpolations() -> tuple[str, ...]:
+    from timm.data.transforms import _str_to_pil_interpolation
 
-
-def check_image(path: str) -> str | None:
-    """Why ``path`` cannot be used (None if it decodes), checked as cheaply as a full decode allows."""
-    try:
-        if os.path.getsize(path) == 0:
-            return "empty file (0 bytes)"
-        with open(path, "rb") as f:
-            head = f.read(64).lstrip().lower()
-        if head.startswith((b"<!doctype", b"<html", b"<?xml", b"<head", b"<body")):
-            return "HTML/XML text, not an image (a failed download?)"
-        with Image.open(path) as im:
-            if im.width < 1 or im.height < 1:
-                return f"degenerate size {im.size}"
-            if im.format == "JPEG":
-                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
-            im.load()
-        return None
-    except Exception as e:  # PIL raises many types for corrupt data; each one means: skip this file
-        return f"undecodable: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
-
-
-class _CleanImages:
-    """The indexable dataset FFCV's writer reads: already-validated files, normalised to RGB uint8."""
-
-    def __init__(self, samples: list[tuple[str, int]], max_resolution: int):
-        self.samples, self.max_resolution = samples, max_resolution
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[i]
-        try:
-            return load_rgb(path, self.max_resolution), label
-        except Exception as e:
-            raise DataError(f"{path} passed the check but failed to load: {e}") from e
-
-
-def _watch_workers(stop: threading.Event, failed: list[int]) -> None:
-    """Interrupt the main thread when an FFCV writer worker dies: FFCV itself would wait for it forever."""
-    seen: set[multiprocessing.Process] = set()
-    while not stop.wait(0.5):
-        seen.update(multiprocessing.active_children())
-        bad = [p.exitcode for p in seen if p.exitcode not in (None, 0)]
-        if bad:
-            failed.extend(bad)
-            _thread.interrupt_main()
-            return
+    return tuple(_str_to_pil_interpolation)
 
 
 def convert(src: str | Path, out: str | Path, *, classes_from: str | Path | None = None,
@@ -160,80 +115,136 @@ def convert(src: str | Path, out: str | Path, *, classes_from: str | Path | None
     _check_destination(out, overwrite)
     _remove_stale_temporaries(out)
     classes = _classes_from(Path(classes_from)) if classes_from is not None else find_classes(src)
-    samples, unread = scan(src, classes)
+    samples, unread, ignored = scan(src, classes)
     if opts.limit_per_class:  # samples are sorted by class, then name: keep the first N of each class
         samples = [s for i, s in enumerate(samples)
                    if i < opts.limit_per_class or samples[i - opts.limit_per_class][1] != s[1]]
-    bar = partial(tqdm, unit="img", smoothing=0.1, disable=not progress)
+    for s in unread:
+        print(f"skipped {s['path']}: {s['reason']}")
+    if ignored:
+        print(f"ignored {len(ignored)} entries outside the class folders (hidden, nested or at the root of {src}): "
+              f"listed in {sidecar_path(out)}")
 
-    with mock.patch.object(Image, "MAX_IMAGE_PIXELS", GIANT_IMAGE_PIXELS):
-        t0 = time.perf_counter()
-        kept, undecodable = _check_files(samples, opts.workers, bar)
-        skipped = unread + undecodable
-        for s in skipped:
-            print(f"skipped {s['path']}: {s['reason']}")
-        empty = sorted(set(range(len(classes))) - {label for _, label in kept})
+    import ffcv.writer  # noqa: F401  (numba compiles on import, seconds that are not conversion time)
+
+    t0 = time.perf_counter()
+    tmp, sidecar_tmp = _temporary(out), _temporary(sidecar_path(out))
+    try:
+        kept, undecodable = _write(src, samples, tmp, opts, progress)
+        elapsed = time.perf_counter() - t0
+        empty = sorted(set(range(len(classes))) - set(kept))
         if empty:
-            raise DataError(f"no decodable images for class(es) {[classes[i] for i in empty][:5]} in {src}: "
+            raise DataError(f"no usable images for class(es) {[classes[i] for i in empty][:5]} in {src}: "
                             "every class needs at least one image")
-        t_check = time.perf_counter() - t0
-
-        tmp, sidecar_tmp = _temporary(out), _temporary(sidecar_path(out))
-        try:
-            _write(kept, tmp, opts, bar)
-            elapsed = time.perf_counter() - t0
-            per_class = {c: 0 for c in classes}
-            for _, label in kept:
-                per_class[classes[label]] += 1
-            report = {
-                "format": "ffcv", "fields": {"image": "RGBImageField", "label": "IntField"},
-                "source": str(src.resolve()), "num_samples": len(kept), "num_classes": len(classes),
-                "classes": classes, "counts": per_class, "skipped": skipped, "options": asdict(opts),
-                "bytes": tmp.stat().st_size, "seconds": round(elapsed, 2), "check_seconds": round(t_check, 2),
-                "images_per_second": round(len(kept) / elapsed, 1),
-                "images_per_second_per_worker": round(len(kept) / elapsed / opts.workers, 1),
-            }
-            sidecar_tmp.write_text(json.dumps(report, indent=1))
-            tmp.replace(out)
-            sidecar_tmp.replace(sidecar_path(out))  # last: a sidecar names a complete .beton
-        finally:
-            for f in (tmp, sidecar_tmp):
-                f.unlink(missing_ok=True)
+        report = {
+            "format": "ffcv", "fields": {"image": "RGBImageField", "label": "IntField"},
+            "source": str(src.resolve()), "num_samples": len(kept), "num_classes": len(classes),
+            "classes": classes, "counts": dict(zip(classes, np.bincount(kept, minlength=len(classes)).tolist(),
+                                                   strict=True)),
+            "skipped": unread + undecodable, "ignored": ignored, "options": asdict(opts),
+            "eval_crop": asdict(opts.eval_crop()) if opts.eval_crop() else None,
+            "bytes": tmp.stat().st_size, "seconds": round(elapsed, 2),
+            "images_per_second": round(len(samples) / elapsed, 1),
+            "images_per_second_per_worker": round(len(samples) / elapsed / opts.workers, 1),
+        }
+        sidecar_tmp.write_text(json.dumps(report, indent=1))
+        tmp.replace(out)
+        sidecar_tmp.replace(sidecar_path(out))  # last: a sidecar names a complete .beton
+    finally:
+        for f in (tmp, sidecar_tmp):
+            f.unlink(missing_ok=True)
     return report
 
 
-def _check_files(samples: list[tuple[str, int]], workers: int, bar) -> tuple[list[tuple[str, int]], list[dict]]:
-    """Pass 1, in parallel: the samples that decode, and ``{"path", "reason"}`` of those that do not."""
-    with multiprocessing.Pool(workers) as pool:
-        problems = list(bar(pool.imap(check_image, [p for p, _ in samples], chunksize=64), total=len(samples),
-                            desc="checking"))
-    return ([s for s, why in zip(samples, problems, strict=True) if not why],
-            [{"path": p, "reason": why} for (p, _), why in zip(samples, problems, strict=True) if why])
-
-
-def _write(kept: list[tuple[str, int]], tmp: Path, opts: ConvertOptions, bar) -> None:
-    """FFCV's writer over the checked files, watched: FFCV itself waits forever for a worker that died."""
+def _write(src: Path, samples: list[tuple[str, int]], tmp: Path, opts: ConvertOptions,
+           progress: bool) -> tuple[list[int], list[dict]]:
+    """Write the .beton of ``samples`` to ``tmp`` with FFCV's own header, page and table layout: the labels of
+    the kept images, and ``{"path", "reason"}`` of the others."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
 
-    writer = ffcv.writer.DatasetWriter(str(tmp), {
-        "image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
-                               compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality),
-        "label": IntField(),
-    }, num_workers=opts.workers)
-    stop, failed = threading.Event(), []
-    threading.Thread(target=_watch_workers, args=(stop, failed), daemon=True).start()
-    # FFCV's writer makes its own progress bar, without a label and deaf to progress=False: it gets ours
-    with mock.patch.object(ffcv.writer, "tqdm", partial(bar, desc="writing")):
-        try:
-            writer.from_indexed_dataset(_CleanImages(kept, opts.max_resolution), chunksize=opts.chunk_size)
-        except KeyboardInterrupt:
-            if failed:
-                raise DataError(f"an FFCV writer worker died (exit codes {failed}) on a file that passed the check; "
-                                "see its traceback above; the output was not written") from None
-            raise
-        finally:
-            stop.set()
+    fields = {"image": RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_resolution,
+                                     compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality),
+              "label": IntField()}
+    writer = ffcv.writer.DatasetWriter(str(tmp), fields, page_size=_page_size(opts))
+    writer.num_samples = len(samples)  # room for every candidate; the header counts the ones kept
+    writer.prepare()
+    try:
+        metadata = np.zeros(len(samples), writer.metadata_type)
+        with closing(_encoded(src, samples, opts, progress)) as encoded:  # an error here stops the workers now
+            kept, skipped, allocations = _lay_out(tmp, writer, metadata, samples, encoded)
+        np.frombuffer(writer.metadata_sm.buf, writer.metadata_type)[:] = metadata  # the view dies here
+        writer.header["num_samples"] = len(kept)
+        writer.finalize(allocations)
+    finally:
+        writer.metadata_sm.close()
+        writer.metadata_sm.unlink()
+    return kept, skipped
+
+
+def _lay_out(tmp: Path, writer, metadata: np.ndarray, samples: list[tuple[str, int]],
+             encoded: Iterator[Stored | str]) -> tuple[list[int], list[dict], list]:
+    """Append each kept image, in sample order, to FFCV pages as one writer process would."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.memory_allocator import MemoryAllocator
+
+    images, labels = (metadata[name] for name in writer.metadata_type.names)
+    modes = {mode: int(IMAGE_MODES[mode]) for mode in ("jpg", "raw")}  # FFCV's is a numba dict: slow from Python
+    allocator = MemoryAllocator(str(tmp), writer.data_region_start, writer.page_size)
+    kept, skipped = [], []
+    with allocator:
+        for (path, label), stored in zip(samples, encoded, strict=True):
+            if isinstance(stored, str):
+                skipped.append({"path": path, "reason": stored})
+                tqdm.write(f"skipped {path}: {stored}")
+                continue
+            allocator.set_current_sample(len(kept))
+            ptr, page = allocator.malloc(len(stored.payload))
+            page[:] = np.frombuffer(stored.payload, np.uint8)
+            images[len(kept)] = (modes[stored.mode], stored.width, stored.height, ptr)
+            labels[len(kept)] = label
+            kept.append(label)
+    return kept, skipped, allocator.allocations
+
+
+def _encoded(src: Path, samples: list[tuple[str, int]], opts: ConvertOptions, progress: bool
+             ) -> Iterator[Stored | str]:
+    """``encode`` of every sample, in order, from ``opts.workers`` processes; a worker that dies is a DataError."""
+    work = partial(encode, max_resolution=opts.max_resolution, write_mode=opts.write_mode,
+                   compress_probability=opts.compress_probability, jpeg_quality=opts.jpeg_quality,
+                   min_side=opts.min_side, eval_crop=opts.eval_crop())
+    paths = [p for p, _ in samples]
+    keys = [Path(p).relative_to(src).as_posix() for p in paths]  # the proportion draw's seed: stable anywhere
+    pool = ProcessPoolExecutor(opts.workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_init_worker)
+    done = 0
+    try:
+        for stored in tqdm(pool.map(work, paths, keys, chunksize=opts.chunk_size), total=len(paths),
+                           desc="converting", unit="img", smoothing=0.1, disable=not progress):
+            yield stored
+            done += 1
+    except BrokenProcessPool as e:
+        first = done // opts.chunk_size * opts.chunk_size
+        raise DataError(f"a conversion worker died ({e}) on one of images {first}-"
+                        f"{min(first + opts.chunk_size, len(paths)) - 1}, the first {paths[first]}: the output was "
+                        "not written") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker() -> None:
+    Image.MAX_IMAGE_PIXELS = GIANT_IMAGE_PIXELS
+    cv2.setNumThreads(1)  # one worker per core already
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+
+
+def _page_size(opts: ConvertOptions) -> int:
+    """FFCV's default 8 MiB page, or the power of two that holds twice the largest raw image (a JPEG of noise at
+    quality 100 can outgrow its raw pixels): FFCV cannot split an image across pages."""
+    import ffcv.writer
+
+    side = opts.eval_size or opts.max_resolution
+    return max(4 * ffcv.writer.MIN_PAGE_SIZE, 1 << (2 * 3 * side * side - 1).bit_length())
 
 
 def _check_destination(out: Path, overwrite: bool) -> None:
@@ -294,12 +305,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--compress-probability", type=float, default=d.compress_probability,
                    help="share of JPEG images in --write-mode proportion")
     p.add_argument("--jpeg-quality", type=int, default=d.jpeg_quality, help="JPEG quality of re-encoded images")
-    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per FFCV writer task")
+    p.add_argument("--chunk-size", type=int, default=d.chunk_size, help="images per worker task")
     p.add_argument("--workers", type=int, default=d.workers, help="processes (all cores this one may use)")
     p.add_argument("--limit-per-class", type=int, default=None, help="quick subsets: at most N images per class")
+    p.add_argument("--min-side", type=int, default=d.min_side,
+                   help="skip (and name) images whose shorter side, as stored, is below this")
+    p.add_argument("--eval-size", type=int, default=None,
+                   help="val: store timm's eval crop at this size (the run's img_size), so FFCV evaluation scores "
+                        "what timm's standard transform scores on the original images; --max-resolution, "
+                        "--write-mode and --min-side then do not apply")
+    p.add_argument("--crop-pct", type=float, default=d.crop_pct, help="with --eval-size: the run's data.crop_pct")
+    p.add_argument("--interpolation", default=d.interpolation,
+                   help="with --eval-size: the run's data.eval_interpolation")
     a = p.parse_args(argv)
-    opts = ConvertOptions(a.max_resolution, a.write_mode, a.compress_probability, a.jpeg_quality, a.chunk_size,
-                          a.workers, a.limit_per_class)
+    opts = ConvertOptions(**{f.name: getattr(a, f.name) for f in fields(ConvertOptions)})
     try:
         r = convert(a.src, a.out, classes_from=a.classes_from, options=opts, overwrite=a.overwrite)
     except DataError as e:

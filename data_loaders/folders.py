@@ -5,7 +5,9 @@ means the same class in a .beton, a DALI file list and an ImageFolder. Labels fo
 names; a split whose class list differs from the one it must match is an error, never a silent shift. So is a
 class directory that is a broken symlink (dropping it would shift every later label) and a symlink loop anywhere.
 A file that is not read - a name without an image extension, or a dangling image symlink - does not move labels:
-``scan`` names it with the reason (the converter reports them), ``list_samples`` leaves it out.
+``scan`` names it with the reason (the converter reports them), ``list_samples`` leaves it out. So does every
+entry outside the layout (hidden, a folder inside a class folder and what it holds, a file at the root): ``scan``
+names it as ignored, so a report can account for each entry of the tree.
 """
 
 from __future__ import annotations
@@ -54,9 +56,12 @@ def find_classes(root: str | Path) -> list[str]:
     return classes
 
 
-def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[dict]]:
-    """``([(path, label), ...], [{"path", "reason"}, ...])``: the images in a deterministic order (class, then file
-    name) and the files that are not read, with why.
+def scan(root: str | Path, classes: list[str] | None = None
+         ) -> tuple[list[tuple[str, int]], list[dict], list[dict]]:
+    """``(samples, unread, ignored)``: ``[(path, label), ...]``, the images in a deterministic order (class, then
+    file name); ``[{"path", "reason"}, ...]`` of the files in class folders that are not read; and the same of every
+    other entry under ``root`` (hidden, nested in a class folder, at the root, and all those hold). Together they
+    name each entry of the tree once.
 
     ``classes`` (e.g. the train split's list, applied to val) must equal the directories found; every class must
     hold at least one image.
@@ -66,12 +71,21 @@ def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple
     check_classes(found, root, expected=classes)
     samples: list[tuple[str, int]] = []
     unread: list[dict] = []
+    ignored: list[dict] = []
+    for e in sorted(os.scandir(root), key=lambda entry: entry.name):
+        if e.name.startswith("."):
+            ignored += _ignore(e, "hidden (its name starts with '.'): not a class")
+        elif e.name not in found:
+            ignored += _ignore(e, "at the split's root, not in a class folder")
     for label, name in enumerate(found):
         images = []
-        for e, kind in sorted(_entries(root / name), key=lambda entry: entry[0].name):
-            if kind == "dir":
-                continue
-            if kind != "file":
+        for e in sorted(os.scandir(root / name), key=lambda entry: entry.name):
+            kind = "hidden" if e.name.startswith(".") else _kind(e)
+            if kind == "hidden":
+                ignored += _ignore(e, "hidden (its name starts with '.')")
+            elif kind == "dir":
+                ignored += _ignore(e, "a folder inside a class folder: only the class folder's own files are read")
+            elif kind != "file":
                 unread.append({"path": e.path, "reason": kind})
             elif e.name.lower().endswith(IMAGE_EXTENSIONS):
                 images.append(e.path)
@@ -81,7 +95,18 @@ def scan(root: str | Path, classes: list[str] | None = None) -> tuple[list[tuple
             raise DataError(f"class directory {root / name} holds no images ({', '.join(IMAGE_EXTENSIONS)}): "
                             "remove it or add its images, otherwise every later label shifts")
         samples += [(path, label) for path in images]
-    return samples, unread
+    return samples, unread, ignored
+
+
+def _ignore(entry: os.DirEntry, reason: str) -> list[dict]:
+    """``entry`` with ``reason`` and, for a directory, everything beneath it (symlinks not followed)."""
+    out = [{"path": entry.path, "reason": reason}]
+    if entry.is_dir(follow_symlinks=False):
+        for top, dirs, files in os.walk(entry.path):
+            dirs.sort()  # os.walk descends in this list's order
+            out += [{"path": os.path.join(top, name), "reason": f"inside {entry.path}, which is ignored"}
+                    for name in sorted(dirs + files)]
+    return out
 
 
 def list_samples(root: str | Path, classes: list[str] | None = None) -> list[tuple[str, int]]:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
+import multiprocessing
 import shutil
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond")
 TEXTURES = ("flat", "stripes", "checks", "dots")
@@ -90,16 +92,12 @@ def render(label: int, size: int, rng: np.random.Generator) -> Image.Image:
 def generate(out: str | Path, classes: int = 10, per_class: int = 200, size: int = 160,
              val_per_class: int | None = None, seed: int = 0, quality: int = 90) -> Path:
     """Write ``out/{train,val}/class_XX/*.JPEG``; refuses to touch an existing ``out``."""
-    out = Path(out)
     if classes < 2 or per_class < 1 or size < 16:
         raise ValueError(f"synthetic data needs classes >= 2, per_class >= 1, size >= 16; got classes={classes}, "
                          f"per_class={per_class}, size={size}")
-    if out.exists():
-        raise FileExistsError(f"{out} already exists: remove it or choose another --out")
     val_per_class = max(1, per_class // 4) if val_per_class is None else val_per_class
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for split_id, (split, n) in enumerate((("train", per_class), ("val", val_per_class))):
             for label in range(classes):
                 d = tmp / split / f"class_{label:02d}"
@@ -109,6 +107,70 @@ def generate(out: str | Path, classes: int = 10, per_class: int = 200, size: int
                     buf = io.BytesIO()
                     render(label, size, rng).save(buf, "JPEG", quality=quality)
                     (d / f"{split}_{label:02d}_{i:05d}.JPEG").write_bytes(buf.getvalue())
+
+    return _atomic_dir(out, write)
+
+
+def photo(width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A photo-like image, for measuring codecs rather than training: dead leaves (overlapping discs whose radius
+    falls as r^-3, the scale-invariant edges of natural images) in related colours, over a 1/f texture, lightly
+    blurred and with sensor noise. At JPEG quality 90 it takes 2.5-3 bits per pixel, as photos do."""
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :]
+    f = np.hypot(fx, fy)
+    f[0, 0] = 1
+    spectrum = (rng.standard_normal((3, *f.shape)) + 1j * rng.standard_normal((3, *f.shape))) / f ** 1.2
+    texture = np.fft.irfft2(spectrum, s=(height, width), axes=(1, 2)).transpose(1, 2, 0).astype(np.float32)
+    texture *= 18 / texture.std()
+    img = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(0, 256, 3)))
+    draw = ImageDraw.Draw(img)
+    n, r_min, r_max = width * height // 60, 4, max(width, height) / 3
+    radii = (r_min ** -2 - rng.random(n) * (r_min ** -2 - r_max ** -2)) ** -0.5  # density ~ r^-3
+    colours = (rng.uniform(40, 210, 3) + rng.normal(0, 45, (n, 3))).clip(0, 255).astype(int).tolist()
+    for r, x, y, c in zip(radii.tolist(), (rng.random(n) * width).tolist(), (rng.random(n) * height).tolist(),
+                          colours, strict=True):
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=tuple(c))
+    pixels = np.asarray(img.filter(ImageFilter.GaussianBlur(0.7)), np.float32) + texture
+    pixels += rng.standard_normal(pixels.shape, np.float32) * 2
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def imagenet_size(rng: np.random.Generator) -> tuple[int, int]:
+    """(width, height) drawn from an approximation of ImageNet-1k train: most images 500 px on the longer side
+    (4:3, then 3:2, then other ratios), some smaller, a few large ones; a mean of about 470x390 and landscape three
+    times in four."""
+    kind = rng.choice(5, p=[0.60, 0.15, 0.10, 0.12, 0.03])
+    long_side = (500, 500, 500, int(rng.integers(120, 500)), int(rng.integers(600, 1600)))[kind]
+    short_side = (375, 333, int(rng.integers(250, 500)), long_side * 3 // 4, long_side * 3 // 4)[kind]
+    return (long_side, short_side) if rng.random() < 0.75 else (short_side, long_side)
+
+
+def generate_photos(out: str | Path, images: int, classes: int = 10, seed: int = 0, quality: int = 90,
+                    workers: int = 1) -> Path:
+    """Write ``out/class_XX/*.JPEG``: ``images`` photo-like JPEGs of ImageNet's sizes in one split, for measuring
+    conversion and decoding, in ``workers`` processes. Refuses an existing ``out``; appears atomically."""
+    def write(tmp: Path) -> None:
+        for c in range(classes):
+            (tmp / f"class_{c:02d}").mkdir()
+        with multiprocessing.Pool(workers) as pool:
+            pool.map(partial(_write_photo, tmp, classes, seed, quality), range(images), chunksize=8)
+
+    return _atomic_dir(out, write)
+
+
+def _write_photo(root: Path, classes: int, seed: int, quality: int, i: int) -> None:
+    rng = np.random.default_rng([seed, i])
+    photo(*imagenet_size(rng), rng).save(root / f"class_{i % classes:02d}" / f"img_{i:06d}.JPEG", quality=quality)
+
+
+def _atomic_dir(out: str | Path, write) -> Path:
+    """``write(tmp)`` fills a temporary directory beside ``out``, which is then renamed to ``out``."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        write(tmp)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -145,10 +207,12 @@ def ensure_demo_data(data, classes: int, per_class: int = 200, val_per_class: in
     from .convert import ConvertOptions, convert
 
     print(f"demo: converting to {data.train} and {data.val} ...", flush=True)
+    options = {"train": ConvertOptions(max_resolution=size),  # val: timm's eval crops, so top-1 is the standard one
+               "val": ConvertOptions(eval_size=data.img_size, crop_pct=data.crop_pct,
+                                     interpolation=data.eval_interpolation)}
     for split, path, classes_from in (("train", data.train, None), ("val", data.val, sidecar_path(data.train))):
         if not Path(path).exists():
-            convert(root / split, path, classes_from=classes_from, options=ConvertOptions(max_resolution=size),
-                    progress=False)
+            convert(root / split, path, classes_from=classes_from, options=options[split], progress=False)
 
 if __name__ == "__main__":
     main()
