@@ -18,6 +18,7 @@ Applied DeiT extras: none beyond random-resized-crop and flip (RandAugment and r
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,16 +77,54 @@ def _check_beton(path: Path) -> dict:
     if not meta["num_samples"] == reader.num_samples == len(reader.metadata) == stored:
         raise DataError(f"{path} is truncated or damaged: its sidecar lists {meta['num_samples']} images, the file "
                         f"holds {stored}: {fix}")
-    return meta
+    images = reader.metadata[reader.metadata.dtype.names[reader.field_names.index("image")]]
+    return {**meta, "shorter_sides": np.minimum(images["height"], images["width"])}
+
+
+def _decoder(meta: dict, cfg: DataConfig, split: Split, path: Path) -> list:
+    """The decode (and crop) stage of ``split``. Val on a .beton of timm's eval crops (``convert --eval-size``)
+    decodes them as stored, so it scores what timm's standard transform scores on the original images; on one of
+    resized images it crops then resizes with OpenCV, close to that but not equal. Images too small for the crop
+    are refused here: OpenCV would abort the process (SIGABRT) on an empty crop at the first batch."""
+    from ffcv.fields.rgb_image import (
+        CenterCropRGBImageDecoder,
+        RandomResizedCropRGBImageDecoder,
+        SimpleRGBImageDecoder,
+    )
+    from ffcv.transforms import RandomHorizontalFlip
+
+    crop, size = meta.get("eval_crop"), (cfg.img_size, cfg.img_size)
+    if split == "val" and crop:
+        run = {"img_size": cfg.img_size, "crop_pct": cfg.crop_pct, "interpolation": cfg.eval_interpolation}
+        if crop != run:
+            raise DataError(f"{path} holds timm's eval crops for {crop}, but this run evaluates {run}: convert val "
+                            f"again with --eval-size {cfg.img_size} --crop-pct {cfg.crop_pct} --interpolation "
+                            f"{cfg.eval_interpolation}")
+        return [SimpleRGBImageDecoder()]
+    if crop:
+        raise DataError(f"data.train={str(path)!r} holds eval crops (converted with --eval-size): training needs "
+                        "the resized images of a conversion without --eval-size")
+    sides = meta["shorter_sides"]
+    small = sides < 1 if split == "train" else (cfg.crop_pct * sides).astype(int) < 1  # FFCV's centre crop side
+    if small.any():
+        raise DataError(f"{path} holds {small.sum()} image(s) too small for the {split} crop (sample "
+                        f"{np.flatnonzero(small)[0]}: shorter side {sides[small][0]} px): convert it again with "
+                        "python -m data_loaders.convert, which skips such images and names them in the sidecar")
+    if split == "train":
+        decode = [RandomResizedCropRGBImageDecoder(size, scale=cfg.scale, ratio=cfg.ratio)]
+        return [*decode, RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else decode
+    warnings.warn(f"{path} holds resized images, not timm's eval crops: its top-1 is close to timm's standard "
+                  f"evaluation, not equal to it; convert val with --eval-size {cfg.img_size} for the standard number",
+                  stacklevel=3)
+    return [CenterCropRGBImageDecoder(size, ratio=cfg.crop_pct)]
 
 
 class FFCVLoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
                  num_classes: int | None = None, classes: list[str] | None = None):
         from ffcv.fields.basics import IntDecoder
-        from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
         from ffcv.loader import OrderOption
-        from ffcv.transforms import NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
+        from ffcv.transforms import NormalizeImage, Squeeze, ToDevice, ToTensor, ToTorchImage
 
         path = split_path(cfg, split)
         if path.suffix != ".beton":
@@ -96,13 +135,7 @@ class FFCVLoader(LoaderBase):
         check_classes(self.classes, path, num_classes, classes)
         self.batch_size = cfg.micro_batch_size
 
-        size = (cfg.img_size, cfg.img_size)
-        if split == "train":
-            decode = [RandomResizedCropRGBImageDecoder(size, scale=cfg.scale, ratio=cfg.ratio)]
-            if cfg.hflip > 0:
-                decode.append(RandomHorizontalFlip(cfg.hflip))
-        else:
-            decode = [CenterCropRGBImageDecoder(size, ratio=cfg.crop_pct)]
+        decode = _decoder(meta, cfg, split, path)
         mean, std = np.array(cfg.mean) * 255, np.array(cfg.std) * 255
         if device.type == "cuda":
             image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(cfg.channels_last),

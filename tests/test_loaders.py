@@ -230,3 +230,40 @@ def test_randaugment_posterize_at_full_magnitude_is_black_not_an_error():
     op = auto_augment.AugmentOp("PosterizeIncreasing", prob=1.0, magnitude=10)
     out = op(Image.fromarray(np.full((8, 8, 3), 200, np.uint8)))
     assert np.asarray(out).max() == 0
+
+
+def test_ffcv_val_of_eval_crops_scores_what_timms_standard_transform_scores(tmp_path, synthetic_root):
+    """The val top-1 a run reports is timm's standard one: resolve_data_config + create_transform (shorter side
+    to img_size / crop_pct, bicubic, centre crop) on the original images. A val .beton of timm's eval crops gives
+    the same input tensors, so any model scores the same; one of resized images did not."""
+    import timm
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    import pipeline.models  # noqa: F401  (registers So-ViT)
+    from data_loaders.convert import ConvertOptions, convert
+
+    torch.manual_seed(0)
+    model = timm.create_model("sovit_7", num_classes=4, img_size=32).eval()
+    config = resolve_data_config({"input_size": (3, 32, 32)}, model=model)
+    samples = list_samples(synthetic_root / "val")
+    standard = torch.stack([create_transform(**config)(Image.open(p).convert("RGB")) for p, _ in samples])
+
+    val = tmp_path / "val.beton"
+    convert(synthetic_root / "val", val, progress=False, options=ConvertOptions(
+        eval_size=32, crop_pct=config["crop_pct"], interpolation=config["interpolation"], workers=1))
+    cfg = DataConfig(loader="ffcv", val=str(val), img_size=32, crop_pct=config["crop_pct"], micro_batch_size=4,
+                     eval_interpolation=config["interpolation"], mean=config["mean"], std=config["std"], workers=1)
+    batches = [(x.clone(), y.clone()) for x, y in data_loaders.build(cfg, "val", 0, 1, CPU)]
+    images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+    assert labels.tolist() == [label for _, label in samples]
+    assert (images - standard).abs().max() < 1e-5  # float rounding of the normalisation only
+    with torch.no_grad():
+        ours, timms = (100 * (model(x).argmax(1) == labels).float().mean().item() for x in (images, standard))
+    assert abs(ours - timms) <= 0.1 and torch.equal(model(images).argmax(1), model(standard).argmax(1))
+
+    with pytest.raises(DataError, match=rf"{val} holds timm's eval crops for .*'img_size': 32.*, but this run "
+                                        r"evaluates .*'img_size': 48.*: convert val again with --eval-size 48"):
+        data_loaders.build(DataConfig(loader="ffcv", val=str(val), img_size=48), "val", 0, 1, CPU)
+    with pytest.raises(DataError, match="holds eval crops"):
+        data_loaders.build(DataConfig(loader="ffcv", train=str(val), img_size=32), "train", 0, 1, CPU)
