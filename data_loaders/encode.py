@@ -13,8 +13,8 @@ and stores it raw or as an OpenCV JPEG at ``jpeg_quality``, 'proportion' drawing
 - a giant JPEG decodes at 1/2, 1/4 or 1/8 scale in the DCT (``IMREAD_REDUCED_*``) and is shrunk with
   ``INTER_AREA`` from there, but only where the shrink that follows is large enough (8x after 1/2, 16x after 1/4
   or 1/8) to keep >= 40 dB PSNR against FFCV's full-size shrink. The DCT's low-pass is sharper than INTER_AREA's
-  box: measured on real photos, a 1/2-scale decode shrunk 2x more differs from FFCV's pixels by 29-41 dB, so at
-  max side 256 only images above 4096 px take this path (tests/test_convert.py measures the bar);
+  box: on real photos, a 1/2-scale decode shrunk 1.2-4.5x more lands 29-45 dB from FFCV's pixels, so at max side
+  256 only images above 4096 px take this path (tests/test_convert.py measures the bar);
 - a JPEG that already fits and is drawn for JPEG storage is stored as it is, its own bytes: no re-encode, no
   second generation of JPEG loss;
 - the proportion draw is a hash of the image's path within the split, not a global RNG, so the same folder gives
@@ -116,14 +116,16 @@ def decode(im: Image.Image, data: bytes, size: tuple[int, int]) -> tuple[np.ndar
     a complete 8-bit RGB or grayscale JPEG of exactly that size, which FFCV's libjpeg-turbo decoder reads."""
     plain_jpeg = im.format == "JPEG" and im.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(JPEG_END)
     pixels = _decode_jpeg(data, im.size, size) if plain_jpeg else None
+    as_is = pixels is not None and size == im.size
     if pixels is None:  # anything else, or a JPEG OpenCV refuses: PIL decodes it or says why not
-        if im.format == "JPEG" and size != im.size:
-            im.draft("RGB", size)
+        scale = dct_scale(im.size, size) if im.format == "JPEG" else 1
+        if scale > 1:
+            im.draft("RGB", (-(-im.width // scale), -(-im.height // scale)))  # the largest scale that still covers it
         im.load()
         pixels = np.asarray(to_rgb(im))
     if pixels.shape[1::-1] != size:  # FFCV's own INTER_AREA shrink, run on float32: the same pixels, faster
         pixels = cv2.convertScaleAbs(cv2.resize(np.float32(pixels), size, interpolation=cv2.INTER_AREA))
-    return pixels, plain_jpeg and size == im.size
+    return pixels, as_is
 
 
 def dct_scale(original: tuple[int, int], size: tuple[int, int]) -> int:

@@ -115,7 +115,7 @@ def _decoder(meta: dict, cfg: DataConfig, split: Split, path: Path) -> list:
         return [*decode, RandomHorizontalFlip(cfg.hflip)] if cfg.hflip > 0 else decode
     warnings.warn(f"{path} holds resized images, not timm's eval crops: its top-1 is close to timm's standard "
                   f"evaluation, not equal to it; convert val with --eval-size {cfg.img_size} for the standard number",
-                  stacklevel=3)
+                  stacklevel=4)  # the caller of data_loaders.build
     return [CenterCropRGBImageDecoder(size, ratio=cfg.crop_pct)]
 
 
