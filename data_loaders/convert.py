@@ -88,13 +88,13 @@ class ConvertOptions:
              f"an integer in [16, {MAX_RESOLUTION}]"),
             (0 < self.crop_pct <= 1, f"--crop-pct {self.crop_pct}", "a fraction in (0, 1]"),
         ]
-        if self.eval_size is not None:  # importing timm takes seconds (torch._dynamo): only where it is used
-            names = _timm_interpolations()
-            problems.append((self.interpolation in names, f"--interpolation {self.interpolation!r}",
-                             f"one of timm's {', '.join(names)}"))
         for ok, what, expected in problems:
             if not ok:
                 raise DataError(f"{what} is invalid: expected {expected}")
+        names = _timm_interpolations() if self.eval_size else ()  # importing timm takes seconds: only where it is used
+        if self.eval_size and self.interpolation not in names:
+            raise DataError(f"--interpolation {self.interpolation!r} is invalid: expected one of timm's "
+                            f"{', '.join(names)}")
 
     def eval_crop(self) -> EvalCrop | None:
         return None if self.eval_size is None else EvalCrop(self.eval_size, self.crop_pct, self.interpolation)
