@@ -1,8 +1,9 @@
 """Data for So-ViT: one loader contract (see ``base``), three implementations, plus conversion and synthetic data.
 
-``build(cfg, split, rank, world_size, device)`` picks the implementation named by ``cfg.loader``; backends are
-imported lazily, so a machine without FFCV or DALI can still use the others. Problems with the data raise
-``DataError``, unset or invalid config keys ``ConfigError``, before any decoding starts.
+``build(cfg, split, rank, world_size, device)`` picks the implementation named by ``cfg.loader`` (``dali`` reads
+val through the torchvision loader); backends are imported lazily, so a machine without FFCV or DALI can still use
+the others. Problems with the data raise ``DataError``, unset or invalid config keys ``ConfigError``, before any
+decoding starts.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: tor
         raise ValueError(f"rank={rank} is invalid for world_size={world_size}")
     if cfg.loader == "ffcv":
         from .ffcv_loader import FFCVLoader as impl
-    elif cfg.loader == "dali":
+    elif cfg.loader == "dali" and split == "train":
         from .dali_loader import DALILoader as impl
-    elif cfg.loader == "torchvision":
+    elif cfg.loader in ("dali", "torchvision"):  # dali's val too: timm's eval transform itself (see dali_loader)
         from .torchvision_loader import TorchvisionLoader as impl
     else:
         raise ConfigError(f"data.loader={cfg.loader!r} is invalid: expected ffcv, dali or torchvision")

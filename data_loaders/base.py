@@ -16,6 +16,10 @@ What the trainer may rely on, for every backend (``ffcv``, ``dali``, ``torchvisi
   draws crops and flips from an unseeded numba RNG, so only its samples are exact. A state saved by another
   backend restores its position; keys a backend does not know are ignored.
 - A batch may live in buffers the loader reuses (FFCV cycles through a few): use or copy it before holding on to it.
+- Val yields what timm's standard eval transform (``resolve_data_config`` + ``create_transform``) makes of the
+  original images, so a run's top-1 is timm's number: torchvision applies it, ``dali`` reads val through the
+  torchvision loader, ``ffcv`` reads a .beton of its crops (``convert --eval-size``; a .beton of resized images
+  comes close, with a warning).
 
 Sharding: train ranks each take an equal slice of the epoch's permutation and drop the remainder, so every rank
 runs the same number of steps (DeepSpeed's collectives deadlock otherwise); val ranks take contiguous disjoint
@@ -128,11 +132,6 @@ def num_workers(cfg: DataConfig) -> int:
     warnings.warn(f"data.workers={cfg.workers} exceeds the {cores} cores this process may use: using {cores}; set "
                   f"data.workers<={cores} or give each rank more cores (--cpus-per-task)", stacklevel=2)
     return cores
-
-
-def eval_resize(cfg: DataConfig) -> int:
-    """Shorter side before the centre crop: 224 / 0.875 = 256, as DeiT and timm evaluate."""
-    return int(cfg.img_size / cfg.crop_pct)
 
 
 def rank_indices(n: int, split: Split, rank: int, world_size: int, batch_size: int, seed: int,

@@ -1,9 +1,14 @@
-"""NVIDIA DALI loader over an ImageFolder: ``mixed`` (nvJPEG) decoding on a GPU, the CPU backend elsewhere.
+"""NVIDIA DALI loader of the train split of an ImageFolder: ``mixed`` (nvJPEG) decoding on a GPU, the CPU backend
+elsewhere.
+
+Val is not read here: ``data_loaders.build`` gives ``data.loader=dali`` the torchvision loader's val, which is
+timm's eval transform itself, so the top-1 a run reports and selects its best checkpoint by is timm's standard
+number. DALI's resize filters are not PIL's: a DALI eval pipeline (resize shorter side, centre crop) came close to
+it but did not give the same tensors. Val is a few percent of an epoch's images, so its speed matters little.
 
 The file list comes from ``folders.list_samples``, so labels match the .beton and the torchvision loader, and the
 shard from ``base.rank_indices``, as every backend: each epoch's pipeline reads exactly this rank's files of that
-epoch, in order (no shuffling, no sharding inside DALI). Its length is a whole number of batches in train; val
-keeps the partial last batch (``pad_last_batch`` with LastBatchPolicy.PARTIAL), so each sample counts once.
+epoch, in order (no shuffling, no sharding inside DALI), a whole number of batches (the remainder is dropped).
 
 One pipeline per epoch, seeded by (seed, rank, epoch, first batch), built with ``enable_checkpointing=True``:
 ``state_dict()`` adds DALI's own checkpoint (reader position and RNG states) to the position, and
@@ -27,7 +32,6 @@ from .base import (
     Batch,
     LoaderBase,
     Split,
-    eval_resize,
     num_batches,
     num_workers,
     rank_indices,
@@ -35,32 +39,24 @@ from .base import (
 from .folders import read_split
 
 
-def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, split: Split, device: torch.device,
-                    threads: int, seed: int, checkpoint: str | None):
+def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, device: torch.device, threads: int,
+                    seed: int, checkpoint: str | None):
     from nvidia.dali import fn, pipeline_def, types
 
     on_gpu = device.type == "cuda"
 
     @pipeline_def(enable_checkpointing=True)
     def pipe():
-        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, pad_last_batch=True,
-                                       name="Reader")
-        decoder = "mixed" if on_gpu else "cpu"
-        if split == "train":
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decoder, output_type=types.RGB, random_area=list(cfg.scale),
-                random_aspect_ratio=list(cfg.ratio), num_attempts=10)
-            images = fn.resize(images, resize_x=cfg.img_size, resize_y=cfg.img_size,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
-            mirror = fn.random.coin_flip(probability=cfg.hflip)
-        else:
-            images = fn.decoders.image(jpegs, device=decoder, output_type=types.RGB)
-            images = fn.resize(images, resize_shorter=eval_resize(cfg), interp_type=types.INTERP_CUBIC,
-                               antialias=True)
-            mirror = False
+        jpegs, label = fn.readers.file(files=files, labels=labels, random_shuffle=False, name="Reader")
+        images = fn.decoders.image_random_crop(
+            jpegs, device="mixed" if on_gpu else "cpu", output_type=types.RGB, random_area=list(cfg.scale),
+            random_aspect_ratio=list(cfg.ratio), num_attempts=10)
+        images = fn.resize(images, resize_x=cfg.img_size, resize_y=cfg.img_size, interp_type=types.INTERP_LINEAR,
+                           antialias=True)
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", crop=(cfg.img_size, cfg.img_size),
-            mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std], mirror=mirror)
+            mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std],
+            mirror=fn.random.coin_flip(probability=cfg.hflip))
         return images, label.gpu() if on_gpu else label
 
     device_id = (torch.cuda.current_device() if device.index is None else device.index) if on_gpu else None
@@ -71,9 +67,12 @@ def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, split:
 class DALILoader(LoaderBase):
     def __init__(self, cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
                  num_classes: int | None = None, classes: list[str] | None = None):
+        if split != "train":
+            raise ValueError(f"split={split!r}: DALILoader reads train only (data_loaders.build gives dali's val to "
+                             "the torchvision loader)")
         self.classes, samples = read_split(cfg, split, num_classes, classes)
         self._files, self._labels = [p for p, _ in samples], [lab for _, lab in samples]
-        self.cfg, self.split, self.rank, self.world_size, self.device = cfg, split, rank, world_size, device
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.threads = max(1, num_workers(cfg))
         self._len = num_batches(len(self._indices(0)), cfg.micro_batch_size, split)
         self._it = None  # the DALI iterator of the current position's pipeline, once built
@@ -81,7 +80,7 @@ class DALILoader(LoaderBase):
         self._restore: dict | None = None  # a checkpoint from load_state_dict, for the next pipeline
 
     def _indices(self, epoch: int) -> np.ndarray:
-        return rank_indices(len(self._files), self.split, self.rank, self.world_size, self.cfg.micro_batch_size,
+        return rank_indices(len(self._files), "train", self.rank, self.world_size, self.cfg.micro_batch_size,
                             self.cfg.seed, epoch)
 
     def _pipeline_iterator(self, epoch: int, first_batch: int, checkpoint: str | None):
@@ -90,9 +89,9 @@ class DALILoader(LoaderBase):
         shard = self._indices(epoch)[first_batch * self.cfg.micro_batch_size:]
         seed = int(np.random.SeedSequence([self.cfg.seed, self.rank, epoch, first_batch]).generate_state(1)[0] >> 1)
         pipe = _build_pipeline([self._files[i] for i in shard], [self._labels[i] for i in shard], self.cfg,
-                               self.split, self.device, self.threads, seed, checkpoint)
+                               self.device, self.threads, seed, checkpoint)
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name="Reader",
-                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False)
+                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         if self._it is None:

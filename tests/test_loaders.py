@@ -82,7 +82,7 @@ def test_eval_transforms_agree_across_loaders(synthetic_root, synthetic_betons):
         first[loader] = next(iter(dl))
     for loader in ("dali", "ffcv"):
         assert torch.equal(first[loader][1], first["torchvision"][1])
-        assert (first[loader][0] - first["torchvision"][0]).abs().mean() < 0.12  # resize kernels differ slightly
+        assert (first[loader][0] - first["torchvision"][0]).abs().mean() < 0.12  # ffcv: a .beton of resized images
 
 
 def test_torchvision_start_batch_resumes_the_epoch_exactly(synthetic_root, synthetic_betons):
@@ -232,36 +232,58 @@ def test_randaugment_posterize_at_full_magnitude_is_black_not_an_error():
     assert np.asarray(out).max() == 0
 
 
-def test_ffcv_val_of_eval_crops_scores_what_timms_standard_transform_scores(tmp_path, synthetic_root):
-    """The val top-1 a run reports is timm's standard one: resolve_data_config + create_transform (shorter side
-    to img_size / crop_pct, bicubic, centre crop) on the original images. A val .beton of timm's eval crops gives
-    the same input tensors, so any model scores the same; one of resized images did not."""
+@pytest.fixture(scope="module")
+def timm_standard_val(synthetic_root):
+    """A So-ViT, timm's resolved eval config for it, the val samples, and what timm's standard evaluation feeds
+    it: resolve_data_config + create_transform (shorter side to img_size / crop_pct, bicubic, centre crop) on the
+    original images."""
     import timm
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
     import pipeline.models  # noqa: F401  (registers So-ViT)
-    from data_loaders.convert import ConvertOptions, convert
 
     torch.manual_seed(0)
     model = timm.create_model("sovit_7", num_classes=4, img_size=32).eval()
     config = resolve_data_config({"input_size": (3, 32, 32)}, model=model)
     samples = list_samples(synthetic_root / "val")
     standard = torch.stack([create_transform(**config)(Image.open(p).convert("RGB")) for p, _ in samples])
+    return model, config, samples, standard
 
-    val = tmp_path / "val.beton"
+
+@pytest.fixture(scope="module")
+def eval_crop_beton(timm_standard_val, synthetic_root, tmp_path_factory):
+    """A val .beton of timm's eval crops, as ``convert --eval-size 32`` writes it."""
+    from data_loaders.convert import ConvertOptions, convert
+
+    config = timm_standard_val[1]
+    val = tmp_path_factory.mktemp("eval_crops") / "val.beton"
     convert(synthetic_root / "val", val, progress=False, options=ConvertOptions(
         eval_size=32, crop_pct=config["crop_pct"], interpolation=config["interpolation"], workers=1))
-    cfg = DataConfig(loader="ffcv", val=str(val), img_size=32, crop_pct=config["crop_pct"], micro_batch_size=4,
-                     eval_interpolation=config["interpolation"], mean=config["mean"], std=config["std"], workers=1)
+    return val
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_val_scores_what_timms_standard_transform_scores(loader, timm_standard_val, eval_crop_beton, synthetic_root):
+    """The val top-1 a run reports is timm's standard one, on the original images. torchvision applies that
+    transform; dali reads val through the torchvision loader (its own cubic resize was close, not the same);
+    ffcv decodes a .beton of that transform's crops (one of resized images was not the same). The same input
+    tensors: any model scores the same."""
+    model, config, samples, standard = timm_standard_val
+    cfg = DataConfig(loader=loader, val=str(eval_crop_beton if loader == "ffcv" else synthetic_root / "val"),
+                     img_size=32, crop_pct=config["crop_pct"], micro_batch_size=4, workers=1,
+                     eval_interpolation=config["interpolation"], mean=config["mean"], std=config["std"])
     batches = [(x.clone(), y.clone()) for x, y in data_loaders.build(cfg, "val", 0, 1, CPU)]
     images, labels = torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
     assert labels.tolist() == [label for _, label in samples]
     assert (images - standard).abs().max() < 1e-5  # float rounding of the normalisation only
     with torch.no_grad():
         ours, timms = (100 * (model(x).argmax(1) == labels).float().mean().item() for x in (images, standard))
-    assert abs(ours - timms) <= 0.1 and torch.equal(model(images).argmax(1), model(standard).argmax(1))
+        assert abs(ours - timms) <= 0.1 and torch.equal(model(images).argmax(1), model(standard).argmax(1))
 
+
+def test_ffcv_eval_crops_of_another_size_or_as_train_are_refused(eval_crop_beton):
+    val = eval_crop_beton
     with pytest.raises(DataError, match=rf"{val} holds timm's eval crops for .*'img_size': 32.*, but this run "
                                         r"evaluates .*'img_size': 48.*: convert val again with --eval-size 48"):
         data_loaders.build(DataConfig(loader="ffcv", val=str(val), img_size=48), "val", 0, 1, CPU)
