@@ -118,6 +118,22 @@ def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
     return tags
 
 
+# What a .beton sidecar says about the conversion run rather than the data: where it read from, how long it took
+# and how fast, and its speed settings (the converter writes the same bytes whatever the worker count and chunks).
+_CONVERSION_RUN = ("source", "seconds", "images_per_second", "images_per_second_per_worker")
+_SPEED_OPTIONS = ("workers", "chunk_size")
+
+
+def dataset_digest(report: dict) -> str:
+    """The MLflow dataset version of a .beton: a hash of what its sidecar says about the data (classes, counts,
+    options, the skipped and ignored files, size), so converting the same images again is the same version and
+    storing other data is another one. A whole-file hash made every re-conversion a new version (the timings)."""
+    content = {key: value for key, value in report.items() if key not in _CONVERSION_RUN}
+    if isinstance(content.get("options"), dict):
+        content["options"] = {k: v for k, v in content["options"].items() if k not in _SPEED_OPTIONS}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
 class Tracker:
     """The no-op tracker of ranks != 0 and of runs with neither MLflow nor a record file."""
 
@@ -169,21 +185,20 @@ class JsonlTracker(Tracker):
 
     def log_dataset(self, sidecar: str | Path, context: str = "train") -> None:
         """Records the ``.beton`` a loader reads as an MLflow dataset input of the run (``mlflow.log_input``): named
-        after the file, sourced at its path, with the hash of its conversion report (the sidecar JSON) as digest,
-        so a re-converted dataset shows up as another version. ``sidecar`` may be the ``.beton`` or its sidecar."""
+        after the file, sourced at its path, with ``dataset_digest`` of its conversion report (the sidecar JSON) as
+        digest. ``sidecar`` may be the ``.beton`` or its sidecar."""
         sidecar = Path(sidecar)
         if sidecar.suffix == ".beton":
             sidecar = sidecar.with_name(sidecar.name + ".json")
         try:
-            content = sidecar.read_bytes()
-            report = json.loads(content)
+            report = json.loads(sidecar.read_bytes())
         except (OSError, ValueError) as e:  # never fatal to training
             warnings.warn(f"dataset not logged: {sidecar} is not a readable .beton sidecar ({e})", stacklevel=2)
             return
         beton = sidecar.with_suffix("").resolve()
         profile = {"num_rows": report.get("num_samples"), "num_classes": report.get("num_classes"),
                    "bytes": report.get("bytes"), "fields": report.get("fields")}
-        self.append({"dataset": {"name": beton.name, "digest": hashlib.sha256(content).hexdigest()[:16],
+        self.append({"dataset": {"name": beton.name, "digest": dataset_digest(report),
                                  "source_type": "local", "source": json.dumps({"uri": str(beton)}),
                                  "profile": json.dumps(profile)}, "context": context})
 

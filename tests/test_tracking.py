@@ -361,3 +361,25 @@ def test_sync_stops_at_a_torn_last_line(tmp_path):
 
     history = MlflowClient(f"sqlite:///{db}").get_metric_history(tracker.run_id, "train/loss")
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_dataset_version_is_the_data_not_the_conversion_run(synthetic_root, tmp_path):
+    """Converting one folder again, with another worker count, writes the same .beton bytes; only the sidecar's
+    timings and speed settings differ. MLflow must see one dataset version (a new one was logged before); a
+    conversion that stores other data is another version."""
+    from data_loaders import sidecar_path
+    from data_loaders.convert import ConvertOptions, convert
+
+    def convert_and_log(name: str, **options) -> tuple[bytes, bytes, str]:
+        beton = tmp_path / name / "val.beton"
+        convert(synthetic_root / "val", beton, options=ConvertOptions(**options), progress=False)
+        tracker = tracking.JsonlTracker(tmp_path / name / "metrics.jsonl")
+        tracker.log_dataset(beton, context="val")
+        [record] = (json.loads(line) for line in tracker.path.read_text().splitlines())
+        return beton.read_bytes(), sidecar_path(beton).read_bytes(), record["dataset"]["digest"]
+
+    beton, sidecar, digest = convert_and_log("first", max_resolution=64, workers=1)
+    beton_again, sidecar_again, digest_again = convert_and_log("again", max_resolution=64, workers=2)
+    assert beton_again == beton and sidecar_again != sidecar
+    assert digest_again == digest and len(digest) == 16
+    assert convert_and_log("smaller", max_resolution=32, workers=1)[2] != digest
