@@ -13,14 +13,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
+import re
+import sys
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
+
+from . import files
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 ARCHS = ("sovit_7", "sovit_10", "sovit_14", "sovit_19")
@@ -164,45 +169,17 @@ class RunConfig:
         return {f"{s}.{k}": v for s, sub in self.to_dict().items() for k, v in sub.items()}
 
     def validate(self, world_size: int | None = None) -> RunConfig:
-        """Cross-field checks. With ``world_size`` also the batch arithmetic of that many ranks."""
+        """Every field against its rule (``field_rules``), then the checks across fields. With ``world_size`` also
+        the batch arithmetic of that many ranks."""
+        flat = self.flat()
+        for key, rule in field_rules().items():
+            _check(rule.ok(flat[key]), key, flat[key], rule.expected)
         m, d, t = self.model, self.data, self.train
-        _check(m.arch in ARCHS, "model.arch", m.arch, f"one of {', '.join(ARCHS)}")
-        _check(m.num_classes is None or m.num_classes >= 2, "model.num_classes", m.num_classes,
-               "an integer >= 2, or null for the data's class count")
-        _check(m.img_size >= 32 and m.img_size % 8 == 0, "model.img_size", m.img_size,
-               "a multiple of 8, at least 32 (the token embedding downsamples by 8 or more)")
         _check(d.img_size == m.img_size, "data.img_size", d.img_size,
                f"equal to model.img_size ({m.img_size})")
-        for name, p in (("model.drop_path_rate", m.drop_path_rate), ("model.drop_rate", m.drop_rate),
-                        ("data.hflip", d.hflip), ("data.reprob", d.reprob),
-                        ("mixup.prob", self.mixup.prob), ("mixup.switch_prob", self.mixup.switch_prob),
-                        ("mixup.label_smoothing", self.mixup.label_smoothing)):
-            _check(0.0 <= p < 1.0 or (p == 1.0 and not name.startswith("model")), name, p,
-                   "a probability in [0, 1)")
-        _check(0 < d.scale[0] <= d.scale[1] <= 1, "data.scale", d.scale, "(min, max) with 0 < min <= max <= 1")
-        _check(0 < d.ratio[0] <= d.ratio[1], "data.ratio", d.ratio, "(min, max) with 0 < min <= max")
-        _check(0 < d.crop_pct <= 1, "data.crop_pct", d.crop_pct, "a fraction in (0, 1]")
-        _check(all(s > 0 for s in d.std), "data.std", d.std, "three positive numbers")
-        _check(d.micro_batch_size >= 1, "data.micro_batch_size", d.micro_batch_size, "an integer >= 1")
-        _check(d.workers >= 0, "data.workers", d.workers, "an integer >= 0")
-        _check(self.optim.lr > 0, "optim.lr", self.optim.lr, "a positive number")
-        _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
-        _check(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", self.optim.betas, "two numbers in [0, 1)")
-        _check(self.optim.clip_grad is None or self.optim.clip_grad > 0, "optim.clip_grad",
-               self.optim.clip_grad, "a positive max-norm, or null for no clipping")
         s = self.schedule
-        _check(s.epochs >= 1, "schedule.epochs", s.epochs, "an integer >= 1")
-        _check(0 <= s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+        _check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
                f"an integer in [0, schedule.epochs={s.epochs})")
-        _check(s.cooldown_epochs >= 0, "schedule.cooldown_epochs", s.cooldown_epochs, ">= 0")
-        _check(0 <= self.ema.decay < 1, "ema.decay", self.ema.decay, "a number in [0, 1)")
-        _check(t.max_steps is None or t.max_steps >= 1, "train.max_steps", t.max_steps, "null or >= 1")
-        _check(t.eval_every_epochs >= 1, "train.eval_every_epochs", t.eval_every_epochs, ">= 1")
-        _check(t.log_every_steps >= 1, "train.log_every_steps", t.log_every_steps, ">= 1")
-        _check(t.stop_check_every_steps >= 1, "train.stop_check_every_steps", t.stop_check_every_steps, ">= 1")
-        _check(self.checkpoint.every_steps >= 1, "checkpoint.every_steps", self.checkpoint.every_steps, ">= 1")
-        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last,
-               ">= 1 (the newest checkpoint is always kept)")
         _check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
                f"a multiple of data.micro_batch_size={d.micro_batch_size}")
         _check(not (self.ema.enabled and t.zero_stage == 3), "ema.enabled", self.ema.enabled,
@@ -210,6 +187,9 @@ class RunConfig:
         mixing = (self.mixup.mixup > 0 or self.mixup.cutmix > 0) and self.mixup.prob > 0
         _check(not (mixing and d.micro_batch_size % 2), "data.micro_batch_size", d.micro_batch_size,
                "an even number while mixup/cutmix is on (timm's Mixup pairs each batch with its flip)")
+        redacted = self.tracking.enabled and "***@" in (self.tracking.uri or "")
+        _check(not redacted or os.environ.get("MLFLOW_TRACKING_URI"), "tracking.uri", self.tracking.uri,
+               "its credentials in $MLFLOW_TRACKING_URI (a redacted URI stands for that variable)")
         if world_size is not None:
             per_step = d.micro_batch_size * world_size
             _check(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
@@ -218,9 +198,141 @@ class RunConfig:
         return self
 
 
+class Rule(NamedTuple):
+    """What one field accepts beyond its type: ``ok(value)``, that in words, and a value it refuses (the tests
+    feed that one to every field)."""
+
+    ok: Callable[[Any], bool]
+    expected: str
+    outside: Any
+
+
+# fields any text is right for: paths (the loaders and the run lock check them, naming the key) and names
+FREE_TEXT = ("data.train", "data.val", "checkpoint.run_dir", "tracking.run_name")
+
+
+def field_rules() -> dict[str, Rule]:
+    """The rule of every field that is not a Literal, a bool or free text (``FREE_TEXT``); tests/test_config.py
+    fails when a new field has none. Enum-like strings are checked by the libraries that read them: timm builds
+    its transforms with the value, MLflow looks its URI scheme up in its own store registry."""
+    probability, below_one = Rule(lambda v: 0 <= v <= 1, "a probability in [0, 1]", 1.5), _fraction_below_one()
+    seed = Rule(lambda v: 0 <= v < 2**31, "an integer in [0, 2**31) (numpy's seeds are 32-bit, and the rank and "
+                "step are added)", -1)
+    return {
+        "model.arch": Rule(lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}", "sovit_8"),
+        "model.img_size": Rule(lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (the token embedding "
+                               "downsamples by 8 or more)", 100),
+        "model.num_classes": _optional(_at_least(2), "for the data's class count"),
+        "model.drop_path_rate": below_one,
+        "model.drop_rate": below_one,
+        "data.micro_batch_size": _at_least(1),
+        "data.workers": _at_least(0),
+        "data.img_size": _at_least(32),  # and equal to model.img_size, below
+        "data.scale": Rule(lambda v: 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1", (0.0, 1.0)),
+        "data.ratio": Rule(lambda v: 0 < v[0] <= v[1], "(min, max) with 0 < min <= max", (1.0, 0.5)),
+        "data.hflip": probability,
+        "data.mean": Rule(lambda v: all(0 <= x <= 1 for x in v), "three numbers in [0, 1] (of pixels scaled to "
+                          "[0, 1])", (0.5, 0.5, 128.0)),
+        "data.std": Rule(lambda v: all(x > 0 for x in v), "three positive numbers", (0.2, 0.2, 0.0)),
+        "data.crop_pct": Rule(lambda v: 0 < v <= 1, "a fraction in (0, 1]", 0.0),
+        "data.train_interpolation": _timm("an interpolation timm knows (bilinear, bicubic, ...) or random",
+                                          is_training=True, interpolation=None),
+        "data.eval_interpolation": _timm("an interpolation timm knows (bilinear, bicubic, ...)", is_training=False,
+                                         interpolation=None),
+        "data.auto_augment": _optional(_timm("a policy timm's parser accepts (rand-m9-mstd0.5-inc1, augmix-m5, "
+                                             "original, ...)", is_training=True, auto_augment=None)),
+        "data.color_jitter": _timm(">= 0 (timm's colour jitter strength)", is_training=True, color_jitter=None),
+        "data.reprob": probability,
+        "data.remode": _timm("a random-erasing mode timm knows (const, rand, pixel)", is_training=True, re_prob=0.5,
+                             re_mode=None),
+        "data.seed": seed,
+        "optim.lr": _positive(),
+        "optim.base_batch_size": _at_least(1),
+        "optim.weight_decay": _non_negative(),
+        "optim.betas": Rule(lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)", (0.9, 1.0)),
+        "optim.eps": _positive(),
+        "optim.clip_grad": _optional(Rule(lambda v: v > 0, "a positive max-norm", 0.0), "for no clipping"),
+        "schedule.epochs": _at_least(1),
+        "schedule.cooldown_epochs": _at_least(0),
+        "schedule.warmup_epochs": _at_least(0),  # and below schedule.epochs, below
+        "schedule.warmup_lr": _non_negative(),
+        "schedule.min_lr": _non_negative(),
+        "mixup.mixup": _non_negative(),
+        "mixup.cutmix": _non_negative(),
+        "mixup.prob": probability,
+        "mixup.switch_prob": probability,
+        "mixup.label_smoothing": probability,
+        "ema.decay": below_one,
+        "train.global_batch_size": _at_least(1),
+        "train.seed": seed,
+        "train.max_steps": _optional(_at_least(1), "for the full schedule"),
+        "train.eval_every_epochs": _at_least(1),
+        "train.log_every_steps": _at_least(1),
+        "train.stop_check_every_steps": _at_least(1),
+        "train.peak_tflops": _optional(_positive(), "to detect it"),
+        "checkpoint.every_steps": _at_least(1),
+        "checkpoint.keep_last": Rule(lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)", 0),
+        "tracking.uri": _optional(Rule(_mlflow_store, "a URI whose scheme MLflow has a store for (sqlite:///PATH, "
+                                       "http(s)://HOST, postgresql://..., file:PATH)", "foo://bar"),
+                                  "for $MLFLOW_TRACKING_URI or ./mlflow.db"),
+        "tracking.experiment": Rule(lambda v: bool(v.strip()), "a non-empty name", " "),
+    }
+
+
+def _at_least(low: int) -> Rule:
+    return Rule(lambda v: v >= low, f"an integer >= {low}", low - 1)
+
+
+def _positive() -> Rule:
+    return Rule(lambda v: v > 0, "a positive number", 0.0)
+
+
+def _non_negative() -> Rule:
+    return Rule(lambda v: v >= 0, ">= 0", -1.0)
+
+
+def _fraction_below_one() -> Rule:
+    return Rule(lambda v: 0 <= v < 1, "a number in [0, 1)", 1.0)
+
+
+def _optional(rule: Rule, meaning: str = "") -> Rule:
+    return Rule(lambda v: v is None or rule.ok(v), f"{rule.expected}, or null{' ' + meaning if meaning else ''}",
+                rule.outside)
+
+
+def _timm(expected: str, is_training: bool, **kwargs: Any) -> Rule:
+    """A value timm's own transform factory accepts, given as the one keyword of ``kwargs`` that is None: the rest of
+    the transform stays at timm's defaults, so a refusal can only mean this value (torchvision loader: the same
+    factory with the whole config)."""
+    key = next(k for k, v in kwargs.items() if v is None)
+
+    def ok(value: Any) -> bool:
+        from timm.data import create_transform
+
+        try:
+            create_transform(32, is_training=is_training, **{**kwargs, key: value})
+        except Exception:  # timm refuses with assert, KeyError, ValueError or AttributeError, depending on the key
+            return False
+        return True
+
+    return Rule(ok, expected, "no-such-value" if key != "color_jitter" else -1.0)
+
+
+def _mlflow_store(uri: str) -> bool:
+    """MLflow has no public list of its store schemes; its registry is what ``MlflowClient(uri)`` consults."""
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception:
+        return False
+    return True
+
+
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
     if not ok:
-        raise ConfigError(f"{key}={value!r} is invalid: expected {expected}")
+        shown = re.sub(r"//[^/@\s]*@", "//***@", repr(value))  # a URI's credentials are never printed
+        raise ConfigError(f"{key}={shown} is invalid: expected {expected}")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -263,7 +375,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not sep or not key or "." not in key:
         raise ConfigError(f"override {text!r} is invalid: expected section.key=value, e.g. optim.lr=1e-3")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _unquoted(raw) if not _utf8(raw) else yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"override {text!r} is invalid: its value is not valid YAML "
                           f"({str(e).splitlines()[0]}); quote strings, e.g. {key}='a: b'") from None
@@ -274,6 +386,28 @@ def parse_override(text: str) -> dict[str, Any]:
         cur = cur.setdefault(p, {})
     cur[parts[-1]] = value
     return node
+
+
+def paths_as_bytes() -> None:
+    """A path that is not UTF-8 reaches Python (argv, directory listings) as surrogates, which stdout refuses in most
+    UTF-8 locales: print them as the bytes they were, as ``ls`` does, instead of crashing on the first such line."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="surrogateescape")
+
+
+def _utf8(text: str) -> bool:
+    """False for a value holding bytes that are not UTF-8, which a path may (argv decodes them to surrogates); YAML
+    cannot read those, so such a value is taken as the string it is."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unquoted(text: str) -> str:
+    return text[1:-1] if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"" else text
 
 
 def from_dict(raw: dict[str, Any]) -> RunConfig:
@@ -288,9 +422,7 @@ def save_config(cfg: RunConfig, path: str | Path, redact: Callable[[str], str] |
     data = plain(cfg.to_dict())
     if redact is not None and data["tracking"]["uri"]:
         data["tracking"]["uri"] = redact(data["tracking"]["uri"])
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
-    tmp.replace(path)
+    files.write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def plain(x: Any) -> Any:

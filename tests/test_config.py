@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import subprocess
+import sys
+import types
+import typing
 
 import pytest
+from conftest import ROOT
 
-from pipeline.config import ConfigError, load_config, parse_override, save_config
+from pipeline.config import FREE_TEXT, ConfigError, RunConfig, field_rules, load_config, parse_override, save_config
 
 
 @pytest.mark.parametrize("arch", [7, 10, 14, 19])
@@ -112,3 +119,80 @@ def test_saved_config_hides_tracking_credentials(tmp_path):
     text = (tmp_path / "config.yaml").read_text()
     assert "s3cr3t-TOKEN" not in text and "mlflow.example:5000" in text
     assert cfg.tracking.uri.endswith("s3cr3t-TOKEN@mlflow.example:5000")  # the run itself still connects
+
+
+def _fields() -> list[tuple[str, object]]:
+    """Every ``section.key`` of RunConfig with its annotation, read from the dataclasses: a new field is covered."""
+    out = []
+    for section in dataclasses.fields(RunConfig):
+        hints = typing.get_type_hints(typing.get_type_hints(RunConfig)[section.name])
+        out += [(f"{section.name}.{name}", tp) for name, tp in hints.items()]
+    return out
+
+
+FIELDS = _fields()
+
+
+def _base(tp):
+    """The annotation without its None: ``int | None`` -> int; a Literal or a tuple as itself."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+
+
+def _wrong_type(tp):
+    """A value of a type the field does not take (YAML spells it so on the command line)."""
+    base = _base(tp)
+    if typing.get_origin(base) is typing.Literal:
+        return ["a", "list"]
+    return {bool: "maybe", int: 2.5, float: "fast", str: 12}.get(base, "text")  # tuples get text
+
+
+def _enum_like(key: str, tp) -> bool:
+    base = _base(tp)
+    return key not in FREE_TEXT and (base is str or typing.get_origin(base) is typing.Literal)
+
+
+def _cases():
+    """Per field: a wrong type; a number out of its rule's range; for an enum-like text, a value no library takes
+    (a URI's: an unknown scheme, as ``no-such-value`` is a file store's path to MLflow)."""
+    rules = field_rules()
+    for key, tp in FIELDS:
+        yield key, "wrong type", _wrong_type(tp)
+        if _enum_like(key, tp):
+            yield key, "wrong enum", rules[key].outside if key in rules else "no-such-value"
+        elif key in rules:
+            yield key, "out of range", rules[key].outside
+
+
+def test_every_field_has_a_rule_or_a_type_that_is_one():
+    """Literal and bool fields are checked by their type, paths and names are free text; every other field needs a
+    rule in field_rules(), and no rule names a field that does not exist."""
+    rules, keys = field_rules(), {key for key, _ in FIELDS}
+    by_type = {key for key, tp in FIELDS if _base(tp) is bool or typing.get_origin(_base(tp)) is typing.Literal}
+    assert set(rules) <= keys
+    assert keys - set(rules) - by_type - set(FREE_TEXT) == set()
+
+
+@pytest.mark.parametrize(("key", "kind", "value"), list(_cases()), ids=[f"{k}-{c}" for k, c, _ in _cases()])
+def test_each_field_refuses_a_wrong_type_an_out_of_range_value_and_a_wrong_enum(key, kind, value):
+    with pytest.raises(ConfigError) as e:
+        load_config([], [f"{key}={json.dumps(value)}"])
+    assert str(e.value).startswith(f"{key}=") and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_credential_in_a_refused_uri_is_not_printed():
+    with pytest.raises(ConfigError) as e:
+        load_config([], ["tracking.uri=foo://alice:s3cr3t@host"])
+    assert "s3cr3t" not in str(e.value) and "foo://***@host" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", ["data.auto_augment=garbage", "train.seed=1099511627776", "tracking.uri=foo://bar"])
+def test_train_py_refuses_a_bad_value_in_one_line_before_any_work(bad, tmp_path):
+    """Values that used to pass and crash after DeepSpeed started (or train and log nothing): exit 2, one line,
+    nothing started and nothing written."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "launchers" / "train.py"), "--arch", "7", "--set", bad, "--set",
+                        f"checkpoint.run_dir={run_dir}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith(f"error: {bad.split('=')[0]}=") and r.stderr.count("\n") == 1, r.stderr
+    assert not run_dir.exists()
