@@ -1,7 +1,8 @@
 """``python launchers/evaluate.py --checkpoint CKPT --data VAL``: top-1/top-5 and loss of a run or of its exports.
 
 CKPT is one of
-  * a run directory: its newest checkpoint that loads (``--ema`` for the EMA weights) with the run's config.yaml;
+  * a run directory: its newest checkpoint, or ``--tag`` (``--ema`` for the EMA weights), with the run's
+    config.yaml; an unreadable newest checkpoint is an error naming the newest one that reads;
   * a folder written by launchers/export.py, or a .safetensors file written by it or by training
     (``best.safetensors``): these carry the architecture, class count, image size, head and eval transform
     (mean/std, crop_pct, interpolation), so nothing else is needed.
@@ -39,12 +40,13 @@ def load(a: argparse.Namespace) -> tuple[RunConfig, Callable[[], dict[str, torch
     ckpt = a.checkpoint
     if (ckpt / "config.yaml").is_file():
         cfg = load_config([ckpt / "config.yaml", *a.config], a.overrides)
-        return cfg, lambda: consolidated_state_dict(ckpt, ema=a.ema)
+        return cfg, lambda: consolidated_state_dict(ckpt, a.tag, ema=a.ema)
     if not (ckpt / export.CONFIG).is_file() and not ckpt.is_file():
         raise CheckpointError(f"--checkpoint {ckpt} is neither a run directory (config.yaml), an exported folder "
                               "(config.json) nor a .safetensors file")
-    if a.ema:
-        raise CheckpointError(f"--ema needs a run directory; {ckpt} holds one set of weights (export with --ema)")
+    if a.ema or a.tag:
+        raise CheckpointError(f"--{'ema' if a.ema else 'tag'} needs a run directory; {ckpt} holds one set of "
+                              "weights (export with --ema or --tag)")
     hub, state_dict = export.read_exported(ckpt)
     if hub is None and not (a.arch or a.config or a.overrides):
         raise CheckpointError(f"{ckpt} carries no config in its header: re-export it with launchers/export.py, or "
@@ -82,7 +84,7 @@ def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import add_config_args  # yaml only: --help stays instant
+    from pipeline.config import add_config_args, paths_as_bytes  # yaml only: --help stays instant
 
     p = parser("launchers/evaluate.py", __doc__)
     p.add_argument("--checkpoint", type=Path, required=True,
@@ -90,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="the val split: a .beton (ffcv) or an ImageFolder directory")
     p.add_argument("--loader", choices=["ffcv", "dali", "torchvision"], help="default: see below")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a run directory")
+    p.add_argument("--tag", help="a run directory's checkpoint, e.g. step_00001200 (default: the newest)")
     add_config_args(p)
     a = p.parse_args(argv)
+    paths_as_bytes()
 
     from data_loaders import DataError
     from pipeline.checkpoint import CheckpointError

@@ -9,10 +9,11 @@ and ``model.safetensors`` (fp32). Nothing else is needed to use it:
     python launchers/evaluate.py --checkpoint DIR --data VAL
 
 ``--out FILE.safetensors`` (or ``--format safetensors``) writes one file carrying the same config in its header,
-as training's ``best.safetensors`` does. The checkpoint read is the newest that loads (a corrupt newest one falls
-back to the previous), or ``--tag``; ZeRO 1-3 shards are consolidated into the fp32 master weights; ``--ema``
-exports the EMA weights. A checkpoint file holding anything but tensors and DeepSpeed's own state is refused
-unopened. Exit codes: 0 written, 2 one ``error:`` line (bad run directory, checkpoint or output path).
+as training's ``best.safetensors`` does. The checkpoint read is the one ``latest`` names, or ``--tag``; an unreadable
+newest checkpoint is an error naming the newest one that reads (never a silent older export). ZeRO 1-3 shards are
+consolidated into the fp32 master weights; ``--ema`` exports the EMA weights. A checkpoint file holding anything
+but tensors and DeepSpeed's own state is refused unopened. Exit codes: 0 written, 2 one ``error:`` line (bad run
+directory, checkpoint or output path, or a full disk).
 """
 
 from __future__ import annotations
@@ -24,15 +25,18 @@ from launchers import parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import paths_as_bytes  # yaml only: --help stays instant
+
     p = parser("launchers/export.py", __doc__)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by launchers/train.py")
     p.add_argument("--out", type=Path, required=True,
                    help="output folder (or FILE.safetensors); missing parent folders are created")
     p.add_argument("--format", choices=["local-dir", "safetensors"],
                    help="default: safetensors when --out ends in .safetensors, else local-dir")
-    p.add_argument("--tag", help="checkpoint tag, e.g. step_00001200 (default: the newest that loads)")
+    p.add_argument("--tag", help="checkpoint tag, e.g. step_00001200 (default: the newest)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     a = p.parse_args(argv)
+    paths_as_bytes()
     fmt = a.format or ("safetensors" if a.out.suffix == ".safetensors" else "local-dir")
 
     def fail(message: str) -> int:
@@ -45,13 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import export
     from pipeline.checkpoint import CheckpointError, consolidated_state_dict
     from pipeline.config import ConfigError, load_config
+    from pipeline.files import WriteError
 
     try:
         cfg = load_config([a.run_dir / "config.yaml"])
         state_dict = consolidated_state_dict(a.run_dir, a.tag, a.ema)
         a.out.parent.mkdir(parents=True, exist_ok=True)  # once the weights are read: a bad run leaves no folders
         (export.save_local_dir if fmt == "local-dir" else export.save_safetensors)(state_dict, cfg, a.out)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, WriteError) as e:
         return fail(str(e))
     except OSError as e:  # the output could not be written: an existing folder of other files, disk full, ...
         return fail(f"could not write {a.out}: {e}")

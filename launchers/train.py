@@ -2,8 +2,9 @@
 torchrun or srun (one process per rank). The training story itself is ``pipeline.trainer``.
 
 Exit codes: 0 finished (or stopped and requeued), 1 training failed (a NaN loss), 2 a bad config, data or run
-directory, 130 Ctrl-C, 143 SIGTERM. Under a plain ``sbatch`` (slurm/sovit.sbatch), a run stopped by SIGUSR1
-requeues its own job; under submitit (launchers/submit.py) submitit requeues it.
+directory, or a file that could not be written (a full disk), 130 Ctrl-C, 143 SIGTERM. Under a plain ``sbatch``
+(slurm/sovit.sbatch), a run stopped by SIGUSR1 requeues its own job; under submitit (launchers/submit.py) submitit
+requeues it.
 """
 
 from __future__ import annotations
@@ -28,21 +29,23 @@ def requeue_self() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import add_config_args
+    from pipeline.config import add_config_args, paths_as_bytes
 
     p = parser("launchers/train.py", __doc__)
     add_config_args(p)
     args = p.parse_args(argv)
+    paths_as_bytes()
 
     from data_loaders import DataError
     from pipeline.checkpoint import CheckpointError
     from pipeline.config import ConfigError, config_from_args
+    from pipeline.files import WriteError
     from pipeline.trainer import run
 
     try:
         cfg = config_from_args(args)
         result = run(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -8,12 +8,19 @@ Layout of ``run_dir``::
         rank00000.pt         per-rank state DeepSpeed does not keep: RNG states, loader state
         meta.json            the world size and ZeRO stage that wrote it (elastic resume reads them first)
         COMPLETE             written by rank 0 once every rank has saved: a tag without it is partial
+    SET_ASIDE            instead of COMPLETE in a tag that must not be used, saying why (see below)
     latest                   name of the newest complete tag, replaced atomically, written last
 
 A complete tag is never written again: a crash during a save can only damage the tag being written, which is
 not yet COMPLETE and is removed. Resume walks the complete tags from newest to oldest and loads the first one
 every rank can read, so a corrupt newest checkpoint falls back to the previous one with a warning; when tags
 exist but none loads, it is an error that names each tag and why, never a silent restart at step 0.
+
+A tag that must not be used is *set aside*: one that did not load when a resume fell back past it, or one saved
+after the last finite loss of a run whose loss became NaN. Its COMPLETE marker goes and a ``SET_ASIDE`` file says
+why, after ``latest`` has moved to the newest tag still complete (or gone): resume, export and ``latest`` pass it
+over, and when training reaches that step again the save replaces it and says so. So a relaunch never re-trains
+the same steps twice, and ``latest`` only ever names a tag that loaded or was just written.
 
 Foreign code: a checkpoint is a pickle, and DeepSpeed loads its files with ``weights_only=False``. Before any
 file is opened for real, ``check_safe`` lists the globals its pickle would import (without running them) and
@@ -45,9 +52,10 @@ from unittest import mock
 import numpy as np
 import torch
 
-from . import distributed
+from . import distributed, files
 
 TAG = re.compile(r"^step_(\d{8})$")
+SET_ASIDE = "SET_ASIDE"
 # The only non-tensor classes DeepSpeed's checkpoint files hold (measured at ZeRO 0-3, bf16/fp16/fp32, universal)
 DEEPSPEED_GLOBALS = frozenset({
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
@@ -66,14 +74,7 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write(path, json.dumps(data, indent=1, default=str).encode())
+atomic_write, write_json = files.write_bytes, files.write_json  # the names the trainer and older callers use
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
@@ -131,41 +132,81 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 class RunLock:
     """An exclusive ``flock`` on ``run_dir/.lock``, held by rank 0 while it trains. The kernel drops it when the
-    process dies, however it dies, so a requeue after a crash or SIGKILL is never blocked by a stale lock."""
+    process dies, however it dies, so a requeue after a crash or SIGKILL is never blocked by a stale lock.
+
+    ``acquire`` creates the run directory (and missing parents) when needed; ``release(undo=True)`` after a start
+    that failed removes what ``acquire`` created, so a mistake leaves the directory as it was found. The lock file is
+    unlinked while still locked, and ``acquire`` checks that the file it locked is still the one at ``.lock``: a
+    process that opened the old file just before the unlink retries rather than share the lock."""
 
     def __init__(self, run_dir: Path):
         self.path = run_dir / ".lock"
         self._fd: int | None = None
+        self._created: list[Path] = []  # what acquire made, outermost first
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise CheckpointError(f"{self.path.parent} is in use by another training process ({holder}): wait for "
-                                  "it, stop it, or pick another checkpoint.run_dir") from None
+        self._created = _make_dirs(self.path.parent)
+        while True:
+            fd, created = _open_lock(self.path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise CheckpointError(f"{self.path.parent} is in use by another training process ({holder}): wait "
+                                      "for it, stop it, or pick another checkpoint.run_dir") from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # the holder removed it after a failed start: lock the current file instead
+        self._created += [self.path] if created else []
         job = os.environ.get("SLURM_JOB_ID")
         holder = f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         self._fd = fd
 
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor drops the flock
-            self._fd = None
+    def release(self, undo: bool = False) -> None:
+        if self._fd is None:
+            return
+        for path in reversed(self._created if undo else []):
+            with contextlib.suppress(OSError):  # a directory something else wrote into stays
+                path.rmdir() if path.is_dir() else path.unlink()
+        os.close(self._fd)  # closing the descriptor drops the flock
+        self._fd = None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created, outermost first."""
+    missing = [p for p in (path, *path.parents) if not p.exists()][::-1]
+    path.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _open_lock(path: Path) -> tuple[int, bool]:
+    """The lock file's descriptor, and whether this call created the file."""
+    while True:
+        with contextlib.suppress(FileExistsError):
+            return os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644), True
+        with contextlib.suppress(FileNotFoundError):  # removed between the two calls: create it then
+            return os.open(path, os.O_RDWR), False
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- saving
 
 
 def _disk_error(run_dir: Path, tag: str, error: BaseException, needed: int) -> CheckpointError:
-    free = shutil.disk_usage(run_dir).free
+    """Measured once the partial tag is gone: the space a rerun will have."""
+    free = files.free_mib(run_dir, error)
     return CheckpointError(f"could not save checkpoint {tag} in {run_dir}: {needed / 2**20:.1f} MiB needed, "
-                           f"{free / 2**20:.1f} MiB free ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
-                           "; free space or move checkpoint.run_dir, then rerun the same command to resume")
+                           f"{free:.1f} MiB free ({files.describe(error)}); free space or move checkpoint.run_dir, "
+                           "then rerun the same command to resume")
 
 
 def _expected_bytes(engine, client_state: dict[str, Any]) -> int:
@@ -195,16 +236,14 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], rank_st
     tag_dir = run_dir / tag
     if (tag_dir / "COMPLETE").exists():  # same step saved before (e.g. a resumed run that stops at once)
         return tag
-    if rank == 0 and tag_dir.exists():  # a partial tag from a crash mid-save: never mix old and new shards
+    replaced = set_aside_reason(run_dir, tag) if rank == 0 else None
+    if rank == 0 and tag_dir.exists():  # partial (a crash mid-save) or set aside: never mix old and new shards
         shutil.rmtree(tag_dir)
     distributed.barrier()
     failure: BaseException | None = None
     try:
         engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
-        buf = tag_dir / f"rank{rank:05d}.pt"
-        tmp = buf.with_name(f".{buf.name}.tmp")
-        torch.save(rank_state, tmp)
-        tmp.replace(buf)
+        files.replace(tag_dir / f"rank{rank:05d}.pt", lambda tmp: torch.save(rank_state, tmp))
     except (OSError, RuntimeError) as e:  # ENOSPC surfaces as RuntimeError from torch's zip writer
         failure = e
     if distributed.any_rank(failure is not None):
@@ -213,17 +252,56 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], rank_st
         distributed.barrier()
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
+        distributed.barrier()  # every rank measures the free space once the partial tag is gone
         raise _disk_error(run_dir, tag, failure or OSError("another rank failed to save"), needed)
     if rank == 0:
-        meta = {"world_size": distributed.world_size(), "zero_stage": engine.zero_optimization_stage()}
-        write_json(tag_dir / "meta.json", meta)
-        atomic_write(tag_dir / "COMPLETE", b"")
-        atomic_write(run_dir / "latest", tag.encode())
-        for old in complete_tags(run_dir)[keep_last:]:
-            shutil.rmtree(run_dir / old, ignore_errors=True)
-            shutil.rmtree(run_dir / f"{old}_universal", ignore_errors=True)
+        _complete(engine, run_dir, tag, keep_last)
+        if replaced:
+            _say(f"{tag} saved again, replacing the copy that was set aside ({replaced})")
     distributed.barrier()
     return tag
+
+
+def _complete(engine, run_dir: Path, tag: str, keep_last: int) -> None:
+    """Rank 0, once every rank has saved: the tag's meta and COMPLETE, then ``latest``, then pruning."""
+    meta = {"world_size": distributed.world_size(), "zero_stage": engine.zero_optimization_stage()}
+    files.write_json(run_dir / tag / "meta.json", meta)
+    files.write_bytes(run_dir / tag / "COMPLETE", b"")
+    files.write_text(run_dir / "latest", tag)
+    for old in complete_tags(run_dir)[keep_last:]:
+        shutil.rmtree(run_dir / old, ignore_errors=True)
+        shutil.rmtree(run_dir / f"{old}_universal", ignore_errors=True)
+
+
+def set_aside(run_dir: Path, reasons: dict[str, str]) -> None:
+    """Rank 0: the tags of ``reasons`` stop being checkpoints (see the module docstring). ``latest`` moves first, so
+    at no moment does it name a tag without COMPLETE; a crash in between leaves a tag that is merely still complete."""
+    tags = list(reasons)
+    for tag, reason in reasons.items():
+        files.write_text(run_dir / tag / SET_ASIDE, reason)
+    remaining = [t for t in complete_tags(run_dir) if t not in tags]
+    if remaining:
+        files.write_text(run_dir / "latest", remaining[0])
+    else:
+        (run_dir / "latest").unlink(missing_ok=True)
+    for tag in tags:
+        (run_dir / tag / "COMPLETE").unlink(missing_ok=True)
+
+
+def _say(line: str) -> None:
+    """A line on stdout that does not break the trainer's progress bar (on stderr)."""
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def set_aside_reason(run_dir: Path, tag: str) -> str | None:
+    """Why ``tag`` was set aside, or None when it was not."""
+    try:
+        return (run_dir / tag / SET_ASIDE).read_text().strip() or "no reason given"
+    except OSError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------- finding tags
@@ -334,7 +412,7 @@ def resume(engine, run_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
     Raises CheckpointError when checkpoints exist but none loads: restarting at step 0 in that directory would
     prune the old tags while ``latest`` still names them."""
     world = distributed.world_size()
-    failures: list[str] = []
+    failures: dict[str, str] = {}
     for tag in ordered_tags(run_dir):
         universal = engine.load_universal_checkpoint() and (run_dir / f"{tag}_universal").is_dir()
         load_tag = f"{tag}_universal" if universal else tag
@@ -359,16 +437,29 @@ def resume(engine, run_dir: Path, rank: int) -> tuple[dict[str, Any], dict[str, 
         except Exception as e:  # a corrupt file surfaces as any of pickle/zip/OS/runtime errors
             ok, reason = False, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         if distributed.all_agree(ok):
+            _set_aside_unreadable(run_dir, failures, tag, rank)
             return client_state, rank_state
         if ok:
             reason = "unreadable on another rank"
-        failures.append(f"{tag} ({reason})")
+        failures[tag] = reason
         warnings.warn(f"checkpoint {run_dir / tag} is unreadable on rank {rank} ({reason}); falling back to the "
                       "previous one", stacklevel=2)
     if failures:
-        raise CheckpointError(f"{run_dir} holds checkpoints but none loads: {'; '.join(failures)}. Nothing was "
-                              "changed; to start over, pick a new checkpoint.run_dir")
+        raise CheckpointError(f"{run_dir} holds checkpoints but none loads: "
+                              f"{'; '.join(f'{t} ({r})' for t, r in failures.items())}. Nothing was changed; to "
+                              "start over, pick a new checkpoint.run_dir")
     return None
+
+
+def _set_aside_unreadable(run_dir: Path, failures: dict[str, str], loaded: str, rank: int) -> None:
+    """Collective, after a fallback: the tags that did not load are set aside, so the steps re-trained from
+    ``loaded`` are saved again and ``latest`` names ``loaded`` meanwhile."""
+    if failures and rank == 0:
+        set_aside(run_dir, {tag: f"unreadable when resuming: {why}" for tag, why in failures.items()})
+        _say(f"{', '.join(failures)} set aside (unreadable); resuming from {loaded}, and saving each again when "
+             "training reaches its step")
+    if failures:
+        distributed.barrier()
 
 
 def _load_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
@@ -385,10 +476,12 @@ def _load_buffers(module: torch.nn.Module, tag_dir: Path) -> None:
 
 
 def consolidated_state_dict(run_dir: Path, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
-    """The fp32 weights (or the EMA's) of ``tag``, else of the newest checkpoint that loads, whatever the ZeRO stage.
+    """The fp32 weights (or the EMA's) of ``tag``, else of the checkpoint ``latest`` names, whatever the ZeRO stage.
 
-    ZeRO 1-3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint`` (the fp32
-    master weights); stage 0 checkpoints hold the whole module already."""
+    Without ``tag``, an unreadable newest checkpoint is an error that names it and the newest one that reads: using
+    an older one silently would hand out weights the user did not ask for. Newer tags that were set aside are named
+    in a warning. ZeRO 1-3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+    (the fp32 master weights); stage 0 checkpoints hold the whole module already."""
     candidates = [tag] if tag else ordered_tags(run_dir)
     if not candidates:
         raise CheckpointError(f"{run_dir} has no complete checkpoint: expected a run directory written by the "
@@ -401,9 +494,19 @@ def consolidated_state_dict(run_dir: Path, tag: str | None = None, ema: bool = F
             failures.append(f"{name} ({str(e).splitlines()[0][:200]})")
             continue
         if failures:
-            warnings.warn(f"{run_dir}: {'; '.join(failures)} unreadable, read {name} instead", stacklevel=2)
+            raise CheckpointError(f"{run_dir}'s newest checkpoint is unreadable: {'; '.join(failures)}; {name} reads: "
+                                  f"pass --tag {name} to use it, or resume the run, which saves the newer steps again")
+        _warn_set_aside_newer(run_dir, name)
         return weights
     raise CheckpointError(f"no checkpoint of {run_dir} could be read: {'; '.join(failures)}")
+
+
+def _warn_set_aside_newer(run_dir: Path, tag: str) -> None:
+    newer = sorted(p.name for p in run_dir.glob("step_*") if TAG.match(p.name) and p.name > tag
+                   and set_aside_reason(run_dir, p.name) is not None)
+    if newer:
+        warnings.warn(f"{run_dir}: reading {tag}; newer {', '.join(newer)} set aside "
+                      f"({set_aside_reason(run_dir, newer[-1])})", stacklevel=3)
 
 
 def _consolidate(run_dir: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:

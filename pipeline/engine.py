@@ -130,8 +130,7 @@ def check_finite(loss: torch.Tensor, step: int) -> float:
     """The host's look at the loss (one sync): raise NonFiniteLoss on NaN/inf, else return it as a float."""
     value = loss.item()
     if value != value or abs(value) == float("inf"):
-        raise NonFiniteLoss(f"loss is {value} at optimizer step {step}: stopping; the last good checkpoint is kept "
-                            "(lower optim.lr, or set optim.clip_grad)")
+        raise NonFiniteLoss(f"loss is {value} at optimizer step {step} (lower optim.lr, or set optim.clip_grad)")
     return value
 
 

@@ -12,6 +12,7 @@ overrides of a RunConfig, so evaluation rebuilds exactly what training evaluated
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -20,8 +21,8 @@ from typing import Any
 import torch
 from timm.models import filter_pretrained_cfg, get_pretrained_cfg
 
-from . import models  # noqa: F401  (registers sovit_* with timm: their default cfgs are the base of the export's)
-from .checkpoint import CheckpointError, atomic_write
+from . import files, models  # noqa: F401  (registers sovit_* with timm: their default cfgs are the base of the export's)
+from .checkpoint import CheckpointError
 from .config import RunConfig
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the names timm's local-dir loader looks for first
@@ -76,7 +77,7 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], cfg: RunConfig, path: 
     filesystem could read config.json but not the weights beside it."""
     from safetensors.torch import save
 
-    atomic_write(path, save(_plain(state_dict), metadata={"config": json.dumps(hub_config(cfg))}))
+    files.write_bytes(path, save(_plain(state_dict), metadata={"config": json.dumps(hub_config(cfg))}))
 
 
 def save_local_dir(state_dict: dict[str, torch.Tensor], cfg: RunConfig, out: Path) -> None:
@@ -87,14 +88,15 @@ def save_local_dir(state_dict: dict[str, torch.Tensor], cfg: RunConfig, out: Pat
     if out.exists() and (not out.is_dir() or {p.name for p in out.iterdir()} - {CONFIG, WEIGHTS}):
         raise FileExistsError(f"{out} exists and is not an earlier export (config.json + model.safetensors); "
                               "pick a new --out")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    (tmp / CONFIG).write_text(json.dumps(hub_config(cfg), indent=1))
-    save_safetensors(state_dict, cfg, tmp / WEIGHTS)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+
+    def build(tmp: Path) -> None:
+        tmp.mkdir()
+        (tmp / CONFIG).write_text(json.dumps(hub_config(cfg), indent=1))
+        save_safetensors(state_dict, cfg, tmp / WEIGHTS)
+        if out.exists():
+            shutil.rmtree(out)
+
+    files.replace(out, build)
 
 
 def read_exported(path: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
@@ -116,11 +118,17 @@ def read_exported(path: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Te
 
 
 def append_summary(path: Path, epoch: int, step: int, results: dict[str, float]) -> None:
-    """One row per evaluation in ``summary.csv`` (as timm's train.py writes), readable without MLflow."""
+    """One row per evaluation in ``summary.csv`` (as timm's train.py writes), readable without MLflow. A step that
+    has its row already (a resumed run replaying the steps after its checkpoint) keeps the first one."""
     row = {"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in results.items()}}
     new = not path.exists()
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    if not new:
+        with open(path, newline="") as f:
+            if any(r.get("step") == str(step) for r in csv.DictReader(f)):
+                return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(row))
+    if new:
+        writer.writeheader()
+    writer.writerow(row)
+    files.append(path, text.getvalue())

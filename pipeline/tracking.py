@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .config import RunConfig
+from . import files
+from .config import ConfigError, RunConfig
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # MLflow 3.17's UI opens an experiment in its GenAI view (traces, tokens) unless told otherwise. The experiment-kind
@@ -81,10 +82,25 @@ def redact(text: str) -> str:
 def tracking_uri(cfg: RunConfig) -> str:
     """The one place the tracking URI is chosen: ``tracking.uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow 3's
     default store ``sqlite:///mlflow.db`` in the working directory. A relative sqlite path is made absolute here,
-    so the launcher, every rank and a later sync all mean the same file."""
+    so the launcher, every rank and a later sync all mean the same file. A redacted ``tracking.uri`` (see
+    ``hide_credentials``) stands for ``$MLFLOW_TRACKING_URI``, which holds it with its credentials."""
     uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if "***@" in uri:
+        real = os.environ.get("MLFLOW_TRACKING_URI", "")
+        if redact(real) != uri:
+            raise ConfigError(f"tracking.uri={uri} is redacted: set MLFLOW_TRACKING_URI to it with its credentials")
+        uri = real
     db = _sqlite_path(uri)
     return f"sqlite:///{db.resolve()}" if db is not None and not db.is_absolute() else uri
+
+
+def hide_credentials(uri: str) -> str:
+    """A launcher's URI with credentials moves to ``$MLFLOW_TRACKING_URI`` (which the ranks and SLURM jobs inherit)
+    and the config keeps it redacted, so no config dump, submitit pickle or sbatch script on disk holds a secret."""
+    if redact(uri) == uri:
+        return uri
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return redact(uri)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -104,6 +120,11 @@ def ui_link(uri: str, experiment_id: str | None = None) -> str:
         return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")) + path
     mlflow = Path(sys.executable).parent / "mlflow"
     return f"{mlflow} ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000{path}"
+
+
+def _text(value: str) -> str:
+    """MLflow stores text: a path's bytes that are not UTF-8 (surrogates in Python) are written as ``\\xe9``."""
+    return os.fsencode(value).decode(errors="backslashreplace")
 
 
 def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
@@ -154,6 +175,9 @@ class Tracker:
     def ui_link(self) -> str | None:
         return None
 
+    def resume_at(self, step: int) -> None:
+        pass
+
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
         pass
 
@@ -169,13 +193,29 @@ class JsonlTracker(Tracker):
         self.path, self.courier = Path(path), courier
         self._spool = spool  # the temporary directory holding ``path`` when the caller gave no record: kept alive
         self._best: tuple[Path, int] | None = None  # the best weights and the step of their evaluation
+        self._recorded: dict[int, set[str]] = {}  # step -> metrics the record holds already (see resume_at)
 
     @property
     def run_id(self) -> str | None:
         return self.courier.run_id if self.courier else None
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self.append({"step": step, **{k: float(v) for k, v in metrics.items()}})
+        recorded = self._recorded.get(step, ())
+        fresh = {k: float(v) for k, v in metrics.items() if k not in recorded}
+        if fresh:
+            self.append({"step": step, **fresh})
+
+    def resume_at(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint, which the record may hold already (the run went
+        on after that save): those metrics are not logged again, so the record and MLflow hold each step once. An
+        exact resume computes the same values; an elastic one keeps the first run's values for the replayed steps."""
+        self._recorded = {}
+        with contextlib.suppress(FileNotFoundError), open(self.path, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError):
+                    rec = json.loads(line)
+                    if rec.get("step", -1) > step:
+                        self._recorded.setdefault(rec["step"], set()).update(rec)
 
     def log_artifact(self, path: str | Path) -> None:
         """Uploads ``path`` (as it is at delivery time) to the run's artifact root; a path that does not exist is
@@ -214,19 +254,34 @@ class JsonlTracker(Tracker):
     def finish(self, status: str = "FINISHED", timeout: float = 60.0) -> None:
         """Appends the best weights (as a logged model) and the final status, and waits at most ``timeout`` s for
         MLflow to take the whole record; whatever it has not taken then stays in the record for a later start or
-        sync."""
-        if self._best is not None and self._best[0].is_file():
-            self.append({"model": str(self._best[0]), "best_step": self._best[1]})
-        self.append({"status": status})
-        if self.courier and not self.courier.finish(timeout):
-            rest = ("lost (no record file was given)" if self._spool else "delivered by the next start of this run, "
-                    f"or now by: python launchers/sync_mlflow.py {self.path.parent}")
+        sync.
+
+        When this machine's disk is what failed (the record or its delivery state cannot be written, typically a
+        full disk), waiting cannot help: the MLflow run is ended with ``status`` at once, and the record keeps the
+        rest for ``sync_mlflow.py``. Never raises for that: it runs while training is already failing."""
+        try:
+            if self._best is not None and self._best[0].is_file():
+                self.append({"model": str(self._best[0]), "best_step": self._best[1]})
+            self.append({"status": status})
+        except files.WriteError as e:
+            local: Exception | None = e
+        else:
+            if not self.courier or self.courier.finish(timeout):
+                return
+            local = self.courier.local_error
+        rest = ("lost (no record file was given)" if self._spool else "delivered by the next start of this run, "
+                f"or now by: python launchers/sync_mlflow.py {self.path.parent}")
+        if local is None:
             warnings.warn(f"MLflow at {redact(self.courier.uri)} has not taken the whole record within "
                           f"{timeout:.0f} s; the rest is {rest}", stacklevel=2)
+            return
+        ended = self.courier is not None and self.courier.end(status)
+        warnings.warn(f"{local}; " + (f"the MLflow run was ended {status} directly, and the rest of the record is "
+                                      f"{rest}" if ended else "the record keeps what MLflow has not taken"),
+                      stacklevel=2)
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps({**record, "timestamp": int(time.time() * 1000)}) + "\n")
+        files.append(self.path, json.dumps({**record, "timestamp": int(time.time() * 1000)}) + "\n")
 
 
 class MlflowCourier:
@@ -249,6 +304,7 @@ class MlflowCourier:
         self._experiment_id: str | None = None
         self._system_metrics, self._monitor = system_metrics, None
         self._warned, self.sent = False, 0  # sent: lines delivered (or refused) by this courier
+        self.local_error: files.WriteError | None = None  # this machine's disk failed delivery (not MLflow)
         self._wake, self._finishing, self._done, self._stop = (threading.Event() for _ in range(4))
         if experiment is not None:  # a live start: bring the state up to date before the first line is appended
             with self._locked():
@@ -279,21 +335,33 @@ class MlflowCourier:
                 state = self.read_state()
                 self._ensure_run(state)
                 self._write_state(state)
+        except files.WriteError as e:
+            self._local_failure(e)
         except Exception as e:
             self._warn(e)
         threading.Thread(target=self._work, name="mlflow-tracker", daemon=True).start()
 
     def finish(self, timeout: float) -> bool:
         """Waits at most ``timeout`` s for the whole record (which now ends with the status) to be delivered;
-        False, and the thread stops, if it was not."""
+        False, and the thread stops, if it was not, or at once when this machine's disk stopped the delivery."""
         if self._monitor is not None:
             self._monitor.finish()
         self._finishing.set()
         self._wake.set()
-        if self._done.wait(timeout):
+        if self._done.wait(timeout) and self.local_error is None:
             return True
         self._stop.set()
         return False
+
+    def end(self, status: str) -> bool:
+        """Ends the MLflow run with ``status`` now, outside the record; False when MLflow could not be told."""
+        if self.run_id is None:
+            return False
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception:  # the caller's warning says the record keeps the rest
+            return False
+        return True
 
     def _work(self) -> None:
         backoff = 1.0
@@ -301,12 +369,19 @@ class MlflowCourier:
             finishing = self._finishing.is_set()  # read first: a status appended before it is seen below
             try:
                 done = self.deliver()
+            except files.WriteError as e:  # this machine's disk, not MLflow: retried, but not waited for at the end
+                self._local_failure(e, quiet=finishing)
+                if finishing:
+                    self._done.set()
+                    return
+                self._sleep(backoff)
+                continue
             except Exception as e:
                 self._warn(e)
                 self._sleep(backoff)  # finish() wakes it, and once finishing a returning server is seen within 1 s
                 backoff = min(backoff * 2, 1.0 if self._finishing.is_set() else 30.0)
                 continue
-            backoff = 1.0
+            backoff, self.local_error = 1.0, None
             if self._warned:
                 self._warned = False
                 warnings.warn(f"MLflow at {redact(self.uri)} is reachable again; logging resumed", stacklevel=2)
@@ -319,6 +394,11 @@ class MlflowCourier:
     def _sleep(self, seconds: float) -> None:
         self._wake.wait(seconds)
         self._wake.clear()
+
+    def _local_failure(self, e: files.WriteError, quiet: bool = False) -> None:
+        if self.local_error is None and not quiet:
+            warnings.warn(f"{e}; delivery to MLflow waits for it", stacklevel=3)
+        self.local_error = e
 
     def _warn(self, e: Exception) -> None:
         if not self._warned:
@@ -383,11 +463,11 @@ class MlflowCourier:
             c.log_batch(run, metrics=[Metric(k, v, r.get("timestamp", now), r["step"]) for r in records
                                       for k, v in r.items() if k not in ("step", "timestamp")])
         elif "params" in rec:
-            params = [Param(k, str(v)[:6000]) for k, v in rec["params"].items()]
+            params = [Param(k, _text(str(v))[:6000]) for k, v in rec["params"].items()]
             for i in range(0, len(params), 100):  # MLflow's limit per log_batch
                 c.log_batch(run, params=params[i:i + 100])
         elif "tags" in rec:
-            c.log_batch(run, tags=[RunTag(k, redact(str(v))) for k, v in rec["tags"].items()])
+            c.log_batch(run, tags=[RunTag(k, _text(redact(str(v)))) for k, v in rec["tags"].items()])
         elif "status" in rec:
             if rec["status"] == "RUNNING":
                 c.update_run(run, status="RUNNING")
@@ -399,7 +479,8 @@ class MlflowCourier:
             else:
                 warnings.warn(f"artifact {rec['artifact']} no longer exists; not uploaded", stacklevel=2)
         elif "dataset" in rec:
-            c.log_inputs(run, datasets=[DatasetInput(Dataset(**rec["dataset"]),
+            dataset = {k: _text(v) for k, v in rec["dataset"].items()}
+            c.log_inputs(run, datasets=[DatasetInput(Dataset(**dataset),
                                                      tags=[InputTag("mlflow.data.context", rec["context"])])])
         elif "model" in rec:
             hub = _exported_config(Path(rec["model"]))
@@ -412,7 +493,7 @@ class MlflowCourier:
             return
         from mlflow.exceptions import MlflowException
 
-        run_id = state["run_id"]
+        run_id = state["run_id"] or self.run_id  # known here, not on disk: the state write after create_run failed
         if run_id is not None:
             try:
                 exp_id = self.client.get_run(run_id).info.experiment_id
@@ -424,11 +505,10 @@ class MlflowCourier:
                 run_id, state["delivered"] = None, 0
         if run_id is None:
             exp_id = self._get_or_create_experiment(state["experiment"])
-            run_id = self.client.create_run(exp_id, run_name=state["run_name"],
+            run_id = self.client.create_run(exp_id, run_name=state["run_name"] and _text(state["run_name"]),
                                             start_time=self._first_timestamp()).info.run_id
-            state["run_id"] = run_id
-            self._write_state(state)  # at once: a failure later must not create a second run
-        self.run_id, self._experiment_id = run_id, exp_id
+        self.run_id, self._experiment_id, state["run_id"] = run_id, exp_id, run_id
+        self._write_state(state)  # at once: a failure later must not create a second run
         self._start_system_metrics()
 
     def _get_or_create_experiment(self, name: str) -> str:
@@ -472,9 +552,7 @@ class MlflowCourier:
         return json.loads(self.state_path.read_text())
 
     def _write_state(self, state: dict[str, Any]) -> None:
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(self.state_path)
+        files.write_json(self.state_path, state, indent=None)
 
     def _first_timestamp(self) -> int | None:
         """When the record began: the run's start, also for a run created late (server down at start, or sync)."""

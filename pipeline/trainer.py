@@ -151,7 +151,7 @@ def run(cfg: RunConfig) -> RunResult:
     """Train one rank of the run ``cfg`` describes (call it on every rank). Raises ConfigError, DataError or
     CheckpointError for problems the user must fix, before training starts."""
     info = distributed.init()
-    lock = None
+    lock, started = None, False
     try:
         cfg.validate(info.world_size)
         _resolve_device_defaults(cfg, info.device)
@@ -160,10 +160,12 @@ def run(cfg: RunConfig) -> RunResult:
         lock = checkpoint.RunLock(run_dir)
         _lock(lock, run_dir, info.is_main)
         with StopSignals() as stop:
-            return Trainer(cfg, info, run_dir).train(stop)
+            trainer = Trainer(cfg, info, run_dir)
+            started = True
+            return trainer.train(stop)
     finally:
         if lock is not None:
-            lock.release()
+            lock.release(undo=not started)  # a start that failed leaves the run directory as it found it
         distributed.shutdown()
 
 
@@ -200,11 +202,13 @@ class Trainer:
 
         self.state = TrainState(accum=self.accum)
         self.resumed = self._resume()
+        self.finite_through = self.state.step  # the step of the last loss checked finite (see _set_aside_after_nan)
         if info.is_main:
             save_config(cfg, run_dir / "config.yaml", redact=tracking.redact)
         self.tracker = tracking.start(cfg, rank, run_id=self.state.mlflow_run_id, world_size=world,
                                       jsonl=run_dir / "metrics.jsonl")
         self.state.mlflow_run_id = self.tracker.run_id
+        self.tracker.resume_at(self.state.step)  # the steps replayed from here are logged once, not twice
         if cfg.data.loader == "ffcv":
             for split in ("train", "val"):
                 self.tracker.log_dataset(getattr(cfg.data, split), context=split)
@@ -299,7 +303,7 @@ class Trainer:
                     self._evaluate()
                 self._save(losses)
         except engine.NonFiniteLoss as e:
-            status, message = "FAILED", str(e)
+            status, message = "FAILED", self._set_aside_after_nan(str(e))
         else:
             message = ""
         finally:
@@ -311,7 +315,9 @@ class Trainer:
     def _checked_loss(self, losses: list[torch.Tensor]) -> float:
         """The mean loss over ranks since the last look, on the host (one sync); NonFiniteLoss if NaN/inf."""
         mean = distributed.all_reduce(torch.stack(losses).mean()) / self.info.world_size
-        return engine.check_finite(mean, self.state.step)
+        value = engine.check_finite(mean, self.state.step)
+        self.finite_through = self.state.step  # the checkpoints before this step were followed by a finite loss
+        return value
 
     def _log_train(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> None:
         loss = self._checked_loss(losses)
@@ -394,6 +400,21 @@ class Trainer:
                         self.cfg.checkpoint.keep_last)
         self.save_seconds = time.perf_counter() - t0
         self.meter.pause(self.save_seconds)
+
+    def _set_aside_after_nan(self, error: str) -> str:
+        """The message of a non-finite loss, naming the last good checkpoint: the newest one followed by a loss
+        checked finite. The tags saved since that check hold weights the broken loss was computed from (finite,
+        maybe 1e29 large), so they are set aside and ``latest`` moves back to the good one."""
+        tags = checkpoint.complete_tags(self.run_dir)
+        suspect = {t: f"no loss measured after it was checked finite before: {error}" for t in tags
+                   if int(t.removeprefix("step_")) >= self.finite_through}
+        if suspect and self.info.is_main:
+            checkpoint.set_aside(self.run_dir, suspect)
+        distributed.barrier()
+        good = [t for t in tags if t not in suspect]
+        last = (f"the last good checkpoint is {good[0]} (the newest one followed by a finite loss)" if good
+                else "no checkpoint is known good")
+        return f"{error}; stopping: {last}" + (f"; {', '.join(suspect)} set aside" if suspect else "")
 
     def _save_if_time(self, stop: StopSignals, losses: list[torch.Tensor]) -> None:
         """On SIGUSR1 always save (SLURM warned ahead); on SIGTERM only when the last save's time fits in what is
@@ -492,7 +513,6 @@ def _lock(lock: checkpoint.RunLock, run_dir: Path, is_main: bool) -> None:
     error = None
     if is_main:
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
             lock.acquire()
         except (checkpoint.CheckpointError, OSError) as e:
             error = e

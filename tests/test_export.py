@@ -146,7 +146,10 @@ def test_export_fine_tunes_to_other_classes_in_timm(tmp_path):
     assert torch.equal(dst.blocks[3].attn.qkv.weight, src.blocks[3].attn.qkv.weight)
 
 
-def test_corrupt_newest_falls_back_and_all_corrupt_is_one_line(run, tmp_path, capsys):
+def test_a_corrupt_newest_is_refused_naming_the_one_that_reads_and_all_corrupt_is_one_line(run, synthetic_root,
+                                                                                            tmp_path, capsys):
+    """Never an older checkpoint in silence: export and evaluate name the damaged newest one and how to pick the
+    newest that reads (--tag), which then gives exactly its weights."""
     copy = shutil.copytree(run, tmp_path / "run")
 
     def truncate(tag: str) -> None:
@@ -154,8 +157,13 @@ def test_corrupt_newest_falls_back_and_all_corrupt_is_one_line(run, tmp_path, ca
         states.write_bytes(states.read_bytes()[:1000])
 
     truncate(TAGS[1])
-    assert export([str(copy), "--out", str(tmp_path / "fallback")]) == 0  # step 6 is damaged: step 3 is exported
-    got, want = load_file(tmp_path / "fallback" / "model.safetensors"), consolidated_state_dict(run, TAGS[0])
+    assert export([str(copy), "--out", str(tmp_path / "refused")]) == 2
+    line = one_error_line(capsys)
+    assert f"newest checkpoint is unreadable: {TAGS[1]} (" in line and f"pass --tag {TAGS[0]}" in line, line
+    assert evaluate(["--checkpoint", str(copy), "--data", str(synthetic_root / "val")]) == 2
+    assert f"pass --tag {TAGS[0]}" in one_error_line(capsys) and not (tmp_path / "refused").exists()
+    assert export([str(copy), "--out", str(tmp_path / "older"), "--tag", TAGS[0]]) == 0
+    got, want = load_file(tmp_path / "older" / "model.safetensors"), consolidated_state_dict(run, TAGS[0])
     assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
     truncate(TAGS[0])
     assert export([str(copy), "--out", str(tmp_path / "out")]) == 2
@@ -182,7 +190,7 @@ def test_planted_pickle_never_runs(run, tmp_path, synthetic_root, capsys):
 
     copy = shutil.copytree(run, tmp_path / "run")
     shutil.copy(tmp_path / "payload.pt", copy / TAGS[1] / "mp_rank_00_model_states.pt")
-    assert export([str(copy), "--out", str(tmp_path / "fallback")]) == 0  # refused unopened; step 3 is exported
+    assert export([str(copy), "--out", str(tmp_path / "older"), "--tag", TAGS[0]]) == 0  # the newest is not read
     shutil.copy(tmp_path / "payload.pt", copy / TAGS[0] / "mp_rank_00_model_states.pt")
     assert export([str(copy), "--out", str(tmp_path / "out")]) == 2
     assert "foreign objects (builtins.exec)" in one_error_line(capsys)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -159,21 +160,53 @@ def test_without_a_run_dir_each_run_gets_its_own(synthetic_root, tmp_path):
     assert len(list((tmp_path / "runs").glob("sovit_7-*"))) == 2
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root (CI runs as root)")
-def test_a_full_disk_gives_one_line_and_leaves_no_partial_checkpoint(synthetic_root, tmp_path):
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs): a checkpoint needs 63 MiB, best.safetensors 16 MiB, the record a few KiB."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
     disk = tmp_path / "disk"
     disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], check=True)
-    try:
-        run_dir = disk / "run"
-        out = train(tiny_run(synthetic_root, run_dir, 3), tmp_path, returncode=2)
-        line = next(x for x in out.splitlines() if x.startswith("error:"))
-        assert f"could not save checkpoint step_00000003 in {run_dir}:" in line
-        assert "MiB needed" in line and "MiB free" in line and "Traceback" not in out
-        assert not list(run_dir.glob("step_*"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
-    shutil.rmtree(disk)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
+def fill(disk: Path) -> None:
+    """Leaves no byte free on ``disk``."""
+    with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
+        while True:
+            f.write(b"\0" * 65536)
+            f.flush()
+
+
+@pytest.mark.parametrize("write", ["checkpoint", "best weights", "record"])
+def test_a_full_disk_is_one_line_with_the_real_free_space_and_a_failed_mlflow_run(write, small_disk, synthetic_root,
+                                                                                   tmp_path):
+    """Whatever write meets the full disk: one ``error:`` line naming the file and the free space df sees after
+    exit, no traceback, no temporary file left, no torn record line, and the MLflow run (its store elsewhere)
+    FAILED without a wait that blames MLflow."""
+    run_dir, db = small_disk / "run", tmp_path / "mlflow.db"
+    every = "3" if write == "checkpoint" else "100"  # else the first write too big for the disk is the eval's best
+    proc = start_training(tiny_run(synthetic_root, run_dir, 12, "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
+                                   "tracking.system_metrics=false", f"checkpoint.every_steps={every}"), tmp_path)
+    t0 = time.time()
+    if write == "record":
+        wait_for(lambda: (run_dir / "metrics.jsonl").exists(), proc)
+        fill(small_disk)
+    out = finish(proc, returncode=2)
+    lines = [x for x in out.splitlines() if "error:" in x]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in out, out[-3000:]
+    named = {"checkpoint": f"could not save checkpoint step_00000003 in {run_dir}:",
+             "best weights": f"could not write {run_dir / 'best.safetensors'} (",
+             "record": f"could not write {run_dir / 'metrics.jsonl'} ("}[write]
+    assert named in lines[0], lines[0]
+    free = float(re.search(r"([\d.]+) MiB free", lines[0]).group(1))
+    assert abs(free - shutil.disk_usage(small_disk).free / 2**20) < 0.1, (lines[0], shutil.disk_usage(small_disk))
+    assert not [p.name for p in run_dir.rglob("*") if p.name.endswith(".tmp")] and not list(run_dir.glob("step_*"))
+    records = (run_dir / "metrics.jsonl").read_text()
+    assert records.endswith("\n") and all(json.loads(x) for x in records.splitlines())
+    assert mlflow_status(db) == "FAILED" and "unreachable" not in out and time.time() - t0 < 50
 
 
 def test_a_lone_run_listens_on_no_port(synthetic_root, tmp_path):
