@@ -22,8 +22,9 @@ from data_loaders import DataError
 from launchers import parser
 from launchers.train import EXIT_CODES
 from pipeline import slurm
-from pipeline.config import ConfigError, add_config_args, plain
-from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, UsageError, make_plan, run_local
+from pipeline.config import ConfigError, add_config_args, paths_as_bytes, plain
+from pipeline.files import WriteError
+from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, Terminated, UsageError, make_plan, run_local
 from pipeline.tracking import ui_link
 from pipeline.trainer import default_run_dir
 
@@ -115,10 +116,11 @@ def _print_dry_run(args: argparse.Namespace, plan: Plan) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    paths_as_bytes()
     try:
         plan = make_plan(args)
         return (_print_dry_run if args.dry_run else local if args.local else submit)(args, plan)
-    except (UsageError, ConfigError, DataError, slurm.SlurmError) as e:
+    except (UsageError, ConfigError, DataError, WriteError, slurm.SlurmError) as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
         return 2
     except RankFailed as e:
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         print("submit.py: interrupted: the ranks saved what they could; rerun with --run-dir RUN to resume",
               file=sys.stderr)
         return 130
+    except Terminated as e:
+        print(f"submit.py: terminated by {e}; rerun with --run-dir RUN to resume", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

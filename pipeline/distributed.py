@@ -13,6 +13,7 @@ so a test suite on gloo cannot see that bug. Every collective of this project's 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -99,10 +100,33 @@ def init() -> DistInfo:
 
     # one rank needs no TCP store, which would listen on every interface: a file store listens on nothing
     global _STORE_FILE
-    _STORE_FILE = Path(tempfile.gettempdir()) / f"sovit-store-{uuid.uuid4().hex}" if world == 1 else None
+    _STORE_FILE = _new_store_file() if world == 1 else None
     lone = {"init_method": f"file://{_STORE_FILE}", "rank": 0, "world_size": 1} if _STORE_FILE else {}
     deepspeed.init_distributed(dist_backend=backend, verbose=False, **lone)
     return DistInfo(rank, local_rank, world, local_world, device, backend)
+
+
+def _new_store_file() -> Path:
+    """A lone rank's file store, named after this host and process; this host's stores of processes that died
+    without ``shutdown()`` (a kill -9) are removed first, so they do not pile up in the temporary directory. (The
+    host in the name keeps a container that shares /tmp but not the process table from judging others' stores.)"""
+    tmp, host = Path(tempfile.gettempdir()), socket.gethostname()
+    for old in tmp.glob(f"sovit-store-{host}.*"):
+        pid = old.name.rsplit(".", 2)[1]
+        with contextlib.suppress(OSError):
+            if pid.isdigit() and old.stat().st_uid == os.getuid() and not _alive(int(pid)):
+                old.unlink()
+    return tmp / f"sovit-store-{host}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, and another user's
+        pass
+    return True
 
 
 def _quiet_cpu_deepspeed() -> None:

@@ -8,8 +8,10 @@ in the queue an hour later costs far more than a one-line error now.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -20,12 +22,13 @@ import torch
 from data_loaders import class_names
 from data_loaders.base import check_classes
 from pipeline import slurm
-from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args
+from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args, paths_as_bytes
 from pipeline.distributed import cpu_threads
-from pipeline.tracking import tracking_uri
+from pipeline.tracking import hide_credentials, tracking_uri
 
 DEMO_DATA = Path("data/synthetic").resolve()  # relative to the working directory, like runs/ and mlflow.db
 SBATCH_FLAGS = ("partition", "account", "qos", "constraint", "exclude")  # passed to sbatch when given
+PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 
 
 class UsageError(ValueError):
@@ -38,6 +41,13 @@ class RankFailed(RuntimeError):
     def __init__(self, message: str, user_error: bool):
         super().__init__(message)
         self.user_error = user_error
+
+
+class Terminated(RuntimeError):
+    """The local launcher got SIGTERM: its ranks saved (when the grace time allowed) and stopped."""
+
+
+USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "WriteError")  # a rank's error the user must act on
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
     _check_data(cfg)
     if cfg.checkpoint.run_dir:  # absolute: SLURM tasks may start in another working directory than this shell
         cfg.checkpoint.run_dir = str(Path(cfg.checkpoint.run_dir).expanduser().resolve())
-    cfg.tracking.uri = tracking_uri(cfg)
+    cfg.tracking.uri = hide_credentials(tracking_uri(cfg))  # the secret travels in the environment, not in files
     if args.local:
         return Plan(cfg, 1, ranks, args.cpus_per_task or cpu_threads(ranks), demo)
     cpus, note = slurm.size_tasks(args.partition, ranks, args.cpus_per_task, not args.cpu, args.dry_run)
@@ -122,10 +132,14 @@ def tool(name: str) -> str:
 def run_local(plan: Plan, log_dir: str, interface: str | None):
     """All ranks as local processes through torch's elastic launcher (as torchrun); returns rank 0's RunResult.
 
+    This is what torchrun cannot be: torchrun ends every failure and signal in its own traceback and exit 1 after
+    one error line per rank, its agent listens on every interface, and its ranks outlive a ``kill -9`` of it.
     Nothing listens beyond this machine: torch's TCPStore binds every interface, so this process serves the store
     from a socket bound to 127.0.0.1 (the static rendezvous and the ranks share it), and gloo/NCCL use the loopback.
-    Rank 0 writes to this terminal, the other ranks into ``log_dir``. A failing rank raises RankFailed (one line);
-    Ctrl-C reaches every rank from the terminal, and they save and stop (the launcher's own echo is ignored)."""
+    Rank 0 writes to this terminal, the other ranks into ``log_dir``. A failing rank raises RankFailed (one line,
+    rank 0's error when it has one). Ctrl-C reaches every rank from the terminal and SIGTERM is passed on by the
+    agent: the ranks save and stop, and this raises KeyboardInterrupt or Terminated. Each rank gets SIGTERM when
+    this process dies, however it dies."""
     from torch.distributed import TCPStore
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -133,14 +147,14 @@ def run_local(plan: Plan, log_dir: str, interface: str | None):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     from data_loaders.synthetic import ensure_demo_data
-    from pipeline.trainer import run
 
     if plan.demo:
         ensure_demo_data(plan.cfg.data, plan.cfg.model.num_classes)
     env = {**slurm.interface_env(interface or "lo"), **os.environ, "OMP_NUM_THREADS": str(plan.cpus_per_task)}
     os.environ.update(env)  # the user's own variables win, except OMP_NUM_THREADS: cpus_per_task already honours it
-    for logger in ("torch.distributed.elastic", "torch.multiprocessing"):  # a failure is one line, below
-        logging.getLogger(logger).setLevel(logging.CRITICAL)
+    for name in [*logging.root.manager.loggerDict, "torch.multiprocessing"]:  # a failure is one line, below
+        if name.startswith(("torch.distributed.elastic", "torch.multiprocessing")):
+            logging.getLogger(name).setLevel(logging.CRITICAL)  # each elastic module sets its own level
     n = plan.ranks_per_node
     with socket.create_server(("127.0.0.1", 0)) as sock:
         port = sock.getsockname()[1]
@@ -151,13 +165,33 @@ def run_local(plan: Plan, log_dir: str, interface: str | None):
                               rdzv_backend="static", rdzv_endpoint=f"127.0.0.1:{port}", rdzv_configs={"rank": 0},
                               monitor_interval=1, logs_specs=logs)
         try:
-            return elastic_launch(config, run)(plan.cfg)[0]
+            return elastic_launch(config, _rank)(plan.cfg, os.getpid())[0]
         except ChildFailedError as e:
-            rank, failure = e.get_first_failure()
+            rank, failure = (0, e.failures[0]) if 0 in e.failures else e.get_first_failure()
             message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
             message = (message or "no message").splitlines()[0]
             raise RankFailed(f"rank {rank} failed: {message} (its log and traceback: "
-                             f"{Path(failure.error_file).parent})",
-                             message.split(":")[0] in ("ConfigError", "DataError", "CheckpointError")) from None
-        except (SignalException, KeyboardInterrupt):
+                             f"{Path(failure.error_file).parent})", message.split(":")[0] in USER_ERRORS) from None
+        except SignalException as e:
+            if e.sigval != signal.SIGINT:
+                raise Terminated(f"{e.sigval.name}: the ranks saved and stopped") from None
             raise KeyboardInterrupt from None
+
+
+def _rank(cfg: RunConfig, launcher: int):
+    """One local rank: ``pipeline.trainer.run``, stopped with SIGTERM (it saves, then exits) when the launcher dies.
+
+    A run stopped by SIGTERM or Ctrl-C exits here with 143 or 130: the elastic wrapper would otherwise hand its
+    result to a launcher that is shutting down (or dead) and wait for it to be read, until SIGKILL 30 s later."""
+    from pipeline.trainer import run
+
+    paths_as_bytes()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != launcher:  # it died before the prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)
+    result = run(cfg)
+    if result.signal in ("SIGTERM", "SIGINT"):
+        raise SystemExit(128 + signal.Signals[result.signal])
+    return result
