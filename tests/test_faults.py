@@ -5,6 +5,7 @@ directory that still resumes."""
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import os
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from conftest import finish, output, start_training, tiny_run, train
+
+from pipeline import checkpoint
 
 
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -108,6 +111,68 @@ def test_a_corrupt_meta_json_falls_back_like_any_other_corruption(synthetic_root
     out = train(tiny_run(synthetic_root, run_dir, 7), tmp_path)
     assert "step_00000006 is unreadable" in out and "meta.json is missing or corrupt" in out
     assert "resuming at step 3" in out
+
+
+def test_a_corrupt_newest_checkpoint_is_trained_again_once_saved_again_and_logged_once(synthetic_root, tmp_path):
+    """The fallback re-trains steps 10-12 and the eval at 12: step 12 is saved again (it used to keep its corrupt
+    file, and every relaunch re-trained from 9), and the record, summary.csv and MLflow hold each step once."""
+    run_dir, db = tmp_path / "run", tmp_path / "mlflow.db"
+
+    def args(steps: int) -> list[str]:
+        return tiny_run(synthetic_root, run_dir, steps, "checkpoint.keep_last=5", "tracking.enabled=true",
+                        f"tracking.uri=sqlite:///{db}", "tracking.system_metrics=false")
+
+    train(args(12), tmp_path)
+    corrupt = run_dir / "step_00000012" / "mp_rank_00_model_states.pt"
+    corrupt.write_bytes(corrupt.read_bytes()[:1000])
+    out = train(args(14), tmp_path)
+    assert "step_00000012 set aside (unreadable); resuming from step_00000009" in out
+    assert "step_00000012 saved again, replacing the copy that was set aside (unreadable when resuming:" in out
+    assert (run_dir / "step_00000012" / "COMPLETE").exists() and (run_dir / "latest").read_text() == "step_00000014"
+    checkpoint.check_safe(corrupt)  # readable again
+    assert "resuming at step 14" in train(args(15), tmp_path)
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train/loss" in r] == list(range(1, 16))
+    assert [r["step"] for r in records if "val/top1" in r] == [12, 14, 15]
+    with open(run_dir / "summary.csv") as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["12", "14", "15"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sovit").experiment_id])
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, 16))
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1")) == [12, 14, 15]
+
+
+def test_after_a_nan_latest_and_the_message_name_the_last_checkpoint_followed_by_a_finite_loss(synthetic_root,
+                                                                                               tmp_path):
+    """lr 1e30: the loss is finite at steps 1 and 2 and NaN at 3. Step 2's weights (up to 1e26) fed that NaN loss:
+    it is set aside, and step 1, whose weights gave the finite loss of step 2, is the last good checkpoint."""
+    run_dir = tmp_path / "run"
+    out = train(tiny_run(synthetic_root, run_dir, 12, "optim.lr=1e30", "ema.enabled=false", "train.log_every_steps=2",
+                         "checkpoint.every_steps=1", "checkpoint.keep_last=5"), tmp_path, returncode=1)
+    line = next(x for x in out.splitlines() if x.startswith("error:"))
+    assert "loss is nan at optimizer step 3" in line and "the last good checkpoint is step_00000001" in line, line
+    assert "step_00000002 set aside" in line and (run_dir / "latest").read_text() == "step_00000001"
+    assert not (run_dir / "step_00000002" / "COMPLETE").exists()
+    assert "loss is nan" in (run_dir / "step_00000002" / "SET_ASIDE").read_text()
+    for tag, bound in (("step_00000001", 1e3), ("step_00000002", float("inf"))):
+        states = checkpoint.safe_load(run_dir / tag / "mp_rank_00_model_states.pt")["module"]
+        assert max(v.abs().max().item() for v in states.values() if v.is_floating_point()) < bound
+
+
+def test_a_failed_start_leaves_the_run_directory_as_it_found_it(synthetic_root, tmp_path):
+    """A bad data path (a new nested run directory) and a wrong class count (an existing empty one): exit 2, and
+    neither directory holds anything afterwards, not even the run lock."""
+    new_dir = tmp_path / "runs" / "a" / "run"
+    out = train(tiny_run(synthetic_root, new_dir, 3, f"data.train={tmp_path / 'nothing'}"), tmp_path / "logs",
+                returncode=2)
+    assert "error: " in out and not (tmp_path / "runs").exists()
+    existing = tmp_path / "empty"
+    existing.mkdir()
+    out = train(tiny_run(synthetic_root, existing, 3, "model.num_classes=5"), tmp_path / "logs", returncode=2)
+    assert "error: " in out and list(existing.iterdir()) == []
 
 
 def test_a_planted_pickle_never_runs(synthetic_root, tmp_path):
