@@ -12,11 +12,12 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import finish, output, start_training, tiny_run, train
+from conftest import ROOT, finish, output, start_training, tiny_run, train
 
 from pipeline import checkpoint
 
@@ -173,6 +174,46 @@ def test_a_failed_start_leaves_the_run_directory_as_it_found_it(synthetic_root, 
     existing.mkdir()
     out = train(tiny_run(synthetic_root, existing, 3, "model.num_classes=5"), tmp_path / "logs", returncode=2)
     assert "error: " in out and list(existing.iterdir()) == []
+
+
+def test_a_killed_lone_runs_file_store_is_removed_by_the_next_start(synthetic_root, tmp_path, monkeypatch):
+    """One process rendezvouses through a file in the temporary directory; a kill -9 leaves it, the next lone
+    start removes it (and its own at the end)."""
+    store_dir = tmp_path / "tmp"
+    store_dir.mkdir()
+    monkeypatch.setenv("TMPDIR", str(store_dir))
+    first = start_training(long_run(synthetic_root, tmp_path / "first"), tmp_path, start_new_session=True)
+    wait_for(lambda: (tmp_path / "first" / "latest").exists(), first)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    stale = list(store_dir.glob("sovit-store-*"))
+    assert stale
+    train(tiny_run(synthetic_root, tmp_path / "second", 1), tmp_path)
+    assert list(store_dir.glob("sovit-store-*")) == []
+
+
+def test_set_takes_paths_that_are_not_utf8(synthetic_root, tmp_path, monkeypatch):
+    """Data and run directories whose names hold a Latin-1 byte, given with --set, in a locale whose stdout refuses
+    undecodable text: training runs, prints the paths as their bytes, writes them into config.yaml, gives MLflow
+    an escaped text, and evaluate.py reads the run back."""
+    latin1 = os.fsdecode(b"\xe9t\xe9")  # what argv and listdir make of b"\xe9t\xe9"
+    data, run_dir, db = tmp_path / f"data-{latin1}", tmp_path / f"run-{latin1}", tmp_path / "mlflow.db"
+    shutil.copytree(synthetic_root, data)
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")  # as in en_US.UTF-8; C.UTF-8 would let them through
+    proc = start_training(tiny_run(data, run_dir, 3, "tracking.enabled=true", f"tracking.uri=sqlite:///{db}",
+                                   "tracking.system_metrics=false"), tmp_path)
+    proc.wait(timeout=300)
+    printed = proc.log.read_bytes()
+    assert proc.returncode == 0, printed[-3000:]
+    assert b"run dir " + os.fsencode(run_dir) in printed and b"Traceback" not in printed
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sovit").experiment_id])
+    assert run.data.params["data.train"] == str(tmp_path / "data-\\xe9t\\xe9" / "train")
+    out = subprocess.run([sys.executable, str(ROOT / "launchers" / "evaluate.py"), "--checkpoint", str(run_dir),
+                          "--data", str(data / "val")], capture_output=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith(b"top-1 "), out.stderr[-3000:]
 
 
 def test_a_planted_pickle_never_runs(synthetic_root, tmp_path):
