@@ -114,6 +114,20 @@ def test_two_nodes_train_one_run(cluster, synthetic_betons, tmp_path):
     assert os.access(re.search(r"^\s+(\S+) ui --backend-store-uri", printed, flags=re.M).group(1), os.X_OK)
 
 
+def test_a_submission_prints_and_writes_no_tracking_credentials(cluster, synthetic_betons, tmp_path):
+    """The secret of --mlflow-uri travels in the job's environment (sbatch exports it): not in what submit.py
+    prints, nor in the sbatch script and submitit's pickles in the log folder, nor in what the job writes."""
+    secret = "PLANTED-s3cr3t"
+    job, printed = submit_and_print(cluster, tmp_path, *TINY, "--data", str(synthetic_betons["train"].parent),
+                                    "--run-dir", "run", "--log-dir", "logs", "--time", "10",
+                                    "--set", "train.max_steps=1", "--mlflow-uri", f"http://alice:{secret}@127.0.0.1:9")
+    subprocess.run(["scancel", job], env=cluster, capture_output=True, timeout=60)
+    assert secret not in printed and "http://127.0.0.1:9" in printed
+    submitted = [p for p in (tmp_path / "logs").rglob("*") if p.is_file()]
+    assert any(p.name.endswith("_submitted.pkl") for p in submitted), submitted
+    assert [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()] == []
+
+
 def test_tasks_are_sized_from_the_nodes(cluster, synthetic_betons, tmp_path):
     """--cpus-per-task comes from sinfo (the nodes' CPUs over their ranks); what no node has is refused, and so
     is a GPU request on nodes without GPUs: SLURM would leave either job pending forever."""

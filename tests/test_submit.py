@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.distributed import free_port
 from pipeline.slurm import parse_time
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -235,6 +237,71 @@ def test_a_failing_local_rank_is_one_line(synthetic_betons, tmp_path):
                      lines[0])
     assert m and "train.beton is not a readable .beton" in m.group(2), lines[0]
     assert (Path(tmp_path, m.group(3)) / "error.json").is_file()
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_signal_to_the_local_launcher_ends_its_ranks_as_under_the_plain_launcher(sig, synthetic_betons, tmp_path):
+    """The one-machine command (README) is the project's launcher because torchrun cannot do this: SIGTERM exits
+    143 (as launchers/train.py does) after the ranks saved, with one line of the launcher's own, no traceback and
+    no 30 s wait for torch's shutdown timeout; a kill -9 of the launcher stops its ranks too. (SIGINT takes the
+    same path to 130; each such run costs a minute of CI.)"""
+    run_dir, log, data = tmp_path / "run", tmp_path / "launcher.log", synthetic_betons["train"].parent
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(SUBMIT), *TINY_LOCAL, "--data", str(data), "--run-dir", "run",
+                                 "--set", "train.max_steps=2000", "--set", "schedule.epochs=400",
+                                 "--set", "checkpoint.every_steps=2", "--set", "train.stop_check_every_steps=1"],
+                                cwd=tmp_path, stdout=out, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run_dir / "latest").exists():
+        assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    t0 = time.time()
+    proc.send_signal(sig)
+    if sig == signal.SIGKILL:
+        proc.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=120)
+        assert alive == [], alive
+    else:
+        err = proc.communicate(timeout=120)[1]
+        lines = [line for line in err.splitlines() if line.startswith("submit.py:")]
+        assert proc.returncode == {signal.SIGTERM: 143, signal.SIGINT: 130}[sig], err[-3000:]
+        assert len(lines) == 1 and time.time() - t0 < 30, (lines, time.time() - t0)
+        assert "Traceback" not in err + log.read_text() and "death signal" not in err
+    final = json.loads((run_dir / "final_metrics.json").read_text())
+    assert final["status"] == "KILLED" and (run_dir / "latest").read_text() == f"step_{final['step']:08d}"
+
+
+@pytest.mark.multiproc
+def test_no_output_of_a_local_run_or_a_dry_run_holds_the_tracking_credentials(synthetic_betons, tmp_path):
+    """--mlflow-uri http://alice:SECRET@server: a 2-rank local run logs to a real MLflow server, and neither what
+    submit.py prints (the summary, the watch line, a dry run's config and sbatch script) nor any file it, the ranks
+    or the server write holds SECRET."""
+    from test_tracking import _kill, _start_server
+
+    secret, port = "PLANTED-s3cr3t", free_port()
+    (tmp_path / "server").mkdir()
+    server = _start_server(tmp_path / "server" / "mlflow.db", port)
+    try:
+        uri = f"http://alice:{secret}@127.0.0.1:{port}"
+        local = run_submit(*TINY_LOCAL, "--data", str(synthetic_betons["train"].parent), "--run-dir", "run",
+                           "--mlflow-uri", uri, cwd=tmp_path, timeout=300)
+        dry = run_submit("--arch", "7", "--data", str(fake_betons(tmp_path / "fake")), "--mlflow-uri", uri,
+                         "--dry-run", cwd=tmp_path, timeout=60)
+    finally:
+        _kill(server)
+    assert local.returncode == 0 and dry.returncode == 0, local.stderr[-3000:] + dry.stderr[-3000:]
+    assert f"watch: http://127.0.0.1:{port}" in local.stdout and "uri: http://alice:***@127.0.0.1" in dry.stdout
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'server' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sovit-demo").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["tracking.uri"] == uri.replace(secret, "***")
+    printed = local.stdout + local.stderr + dry.stdout + dry.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert secret not in printed and written == []
 
 
 @pytest.mark.slow
