@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Terminated as e:
         print(f"submit.py: terminated by {e}; rerun with --run-dir RUN to resume", file=sys.stderr)
-        return 143
+        return e.code
 
 
 if __name__ == "__main__":

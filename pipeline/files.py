@@ -80,8 +80,9 @@ def replace(path: Path, write: Callable[[Path], Any]) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         remove(tmp)
-        if is_write_failure(e) and not isinstance(e, WriteError):
-            raise write_error(path, e) from e
+        if is_write_failure(e):  # a WriteError from inside (a file of a folder) is named again as this path
+            cause = e.__cause__ if isinstance(e, WriteError) and e.__cause__ is not None else e
+            raise write_error(path, cause) from cause
         raise
 
 

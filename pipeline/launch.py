@@ -44,7 +44,11 @@ class RankFailed(RuntimeError):
 
 
 class Terminated(RuntimeError):
-    """The local launcher got SIGTERM: its ranks saved (when the grace time allowed) and stopped."""
+    """The local launcher got SIGTERM (or SIGHUP, SIGQUIT): its ranks were stopped; ``code`` is the shell's 128 + N."""
+
+    def __init__(self, sig: signal.Signals):
+        super().__init__(f"{sig.name}: the ranks were stopped (SIGTERM: after saving)")
+        self.code = 128 + sig
 
 
 USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "WriteError")  # a rank's error the user must act on
@@ -174,7 +178,7 @@ def run_local(plan: Plan, log_dir: str, interface: str | None):
                              f"{Path(failure.error_file).parent})", message.split(":")[0] in USER_ERRORS) from None
         except SignalException as e:
             if e.sigval != signal.SIGINT:
-                raise Terminated(f"{e.sigval.name}: the ranks saved and stopped") from None
+                raise Terminated(e.sigval) from None
             raise KeyboardInterrupt from None
 
 

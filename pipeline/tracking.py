@@ -68,6 +68,8 @@ def configure() -> None:
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # a failed sqlite write is logged with its whole SQL and traceback, each retry; the courier warns once instead
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 
 def redact(text: str) -> str:
@@ -277,8 +279,8 @@ class JsonlTracker(Tracker):
             return
         ended = self.courier is not None and self.courier.end(status)
         warnings.warn(f"{local}; " + (f"the MLflow run was ended {status} directly, and the rest of the record is "
-                                      f"{rest}" if ended else "the record keeps what MLflow has not taken"),
-                      stacklevel=2)
+                                      f"{rest}" if ended else f"the MLflow run could not be ended: the rest of the "
+                                      f"record, and its status, is {rest}"), stacklevel=2)
 
     def append(self, record: dict[str, Any]) -> None:
         files.append(self.path, json.dumps({**record, "timestamp": int(time.time() * 1000)}) + "\n")
@@ -335,10 +337,8 @@ class MlflowCourier:
                 state = self.read_state()
                 self._ensure_run(state)
                 self._write_state(state)
-        except files.WriteError as e:
-            self._local_failure(e)
         except Exception as e:
-            self._warn(e)
+            self._failed(e, finishing=False)
         threading.Thread(target=self._work, name="mlflow-tracker", daemon=True).start()
 
     def finish(self, timeout: float) -> bool:
@@ -369,15 +369,10 @@ class MlflowCourier:
             finishing = self._finishing.is_set()  # read first: a status appended before it is seen below
             try:
                 done = self.deliver()
-            except files.WriteError as e:  # this machine's disk, not MLflow: retried, but not waited for at the end
-                self._local_failure(e, quiet=finishing)
-                if finishing:
+            except Exception as e:
+                if self._failed(e, finishing) and finishing:  # waiting for this machine's disk cannot help now
                     self._done.set()
                     return
-                self._sleep(backoff)
-                continue
-            except Exception as e:
-                self._warn(e)
                 self._sleep(backoff)  # finish() wakes it, and once finishing a returning server is seen within 1 s
                 backoff = min(backoff * 2, 1.0 if self._finishing.is_set() else 30.0)
                 continue
@@ -395,10 +390,20 @@ class MlflowCourier:
         self._wake.wait(seconds)
         self._wake.clear()
 
-    def _local_failure(self, e: files.WriteError, quiet: bool = False) -> None:
-        if self.local_error is None and not quiet:
+    def _failed(self, e: Exception, finishing: bool) -> bool:
+        """Warns once about a failed delivery; True when this machine's disk failed it, not MLflow: the record's
+        state could not be written, or a local sqlite store is on a full disk (SQLite's SQLITE_FULL message)."""
+        db = _sqlite_path(self.uri)
+        if db is not None and "database or disk is full" in str(e):
+            e = files.WriteError(f"could not write MLflow's store {db} (database or disk is full); "
+                                 f"{files.free_mib(db):.1f} MiB free on its file system")
+        if not isinstance(e, files.WriteError):
+            self._warn(e)
+            return False
+        if self.local_error is None and not finishing:
             warnings.warn(f"{e}; delivery to MLflow waits for it", stacklevel=3)
         self.local_error = e
+        return True
 
     def _warn(self, e: Exception) -> None:
         if not self._warned:

@@ -49,6 +49,18 @@ def synthetic_betons(synthetic_root, tmp_path_factory) -> dict[str, Path]:
     return {"train": out / "train.beton", "val": out / "val.beton"}
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 8 MiB file system (tmpfs): a tiny run's checkpoint needs 63 MiB, its weights 16 MiB, its record KiBs."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", str(disk)], check=True)
+
+
 def tiny_run(root: Path, run_dir: Path, max_steps: int, *extra: str) -> list[str]:
     """``--set`` arguments of a tiny So-ViT-7 run at 32 px on ``root`` (torchvision loader, fp32, 12 steps/epoch
     at micro-batch 4), every source of randomness switched on; ``extra`` overrides come last and win."""

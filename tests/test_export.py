@@ -171,6 +171,15 @@ def test_a_corrupt_newest_is_refused_naming_the_one_that_reads_and_all_corrupt_i
     assert all(tag in line for tag in TAGS) and not (tmp_path / "out").exists()
 
 
+def test_an_export_to_a_full_disk_is_one_line_and_leaves_nothing(run, small_disk, capsys):
+    """16 MiB of weights into 8 MiB: one line with the free space df sees, and no temporary folder or file left."""
+    assert export([str(run), "--out", str(small_disk / "export")]) == 2
+    line = one_error_line(capsys)
+    assert f"could not write {small_disk / 'export'} (" in line and "MiB free" in line, line
+    free = float(line.split(" MiB free")[0].rsplit(" ", 1)[1])
+    assert abs(free - shutil.disk_usage(small_disk).free / 2**20) < 0.1 and list(small_disk.iterdir()) == []
+
+
 class Payload:
     """Pickles as a call to ``exec`` that creates ``marker``: what a planted checkpoint runs when unpickled."""
 

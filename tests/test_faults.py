@@ -266,18 +266,6 @@ def test_without_a_run_dir_each_run_gets_its_own(synthetic_root, tmp_path):
     assert len(list((tmp_path / "runs").glob("sovit_7-*"))) == 2
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 8 MiB file system (tmpfs): a checkpoint needs 63 MiB, best.safetensors 16 MiB, the record a few KiB."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], check=True)
-    yield disk
-    subprocess.run(["umount", str(disk)], check=True)
-
-
 def fill(disk: Path) -> None:
     """Leaves no byte free on ``disk``."""
     with contextlib.suppress(OSError), open(disk / "filler", "wb") as f:
