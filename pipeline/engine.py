@@ -102,7 +102,7 @@ def build_criterion(cfg: RunConfig, mixup: Mixup | None) -> torch.nn.Module:
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops with status FAILED; the last good checkpoint is kept."""
+    """The loss became NaN/inf: training stops with status FAILED (the trainer names the last good checkpoint)."""
 
 
 def train_micro_step(engine, criterion, mixup: Mixup | None, images: torch.Tensor, labels: torch.Tensor,

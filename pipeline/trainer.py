@@ -11,7 +11,8 @@ small all-reduce; checking every step would force a host sync per step), save th
     FINISHED   the schedule (or train.max_steps) is done
     STOPPED    SIGUSR1: saved; the caller requeues the job, which resumes from ``latest`` into the same MLflow run
     KILLED     SIGTERM or Ctrl-C: saved when SLURM's grace time allows, not requeued by us
-    FAILED     the loss became NaN/inf; the last good checkpoint is kept
+    FAILED     the loss became NaN/inf; the checkpoints saved since the last finite loss are set aside, and the
+               message names the last good one
 
 The MLflow run always ends with one of FINISHED, KILLED (for STOPPED too: the requeued job sets it RUNNING again)
 or FAILED.
@@ -406,7 +407,7 @@ class Trainer:
         checked finite. The tags saved since that check hold weights the broken loss was computed from (finite,
         maybe 1e29 large), so they are set aside and ``latest`` moves back to the good one."""
         tags = checkpoint.complete_tags(self.run_dir)
-        suspect = {t: f"no loss measured after it was checked finite before: {error}" for t in tags
+        suspect = {t: f"not followed by a finite loss: {error}" for t in tags
                    if int(t.removeprefix("step_")) >= self.finite_through}
         if suspect and self.info.is_main:
             checkpoint.set_aside(self.run_dir, suspect)
