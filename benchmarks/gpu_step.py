@@ -83,7 +83,7 @@ def plain_step(cfg, device, x, y) -> Callable[[], None]:
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=model.no_weight_decay())
-    opt = torch.optim.AdamW(groups, lr=cfg.scaled_lr(), betas=cfg.optim.betas, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(groups, lr=cfg.scaled_lr(), betas=cfg.optim.betas, fused=True)
     forward = torch.compile(model) if cfg.train.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
     criterion = torch.nn.CrossEntropyLoss()

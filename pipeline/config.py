@@ -120,7 +120,7 @@ class TrainConfig:
     # how often ranks agree on a stop signal (SIGUSR1/SIGTERM/Ctrl-C): one small all-reduce and host sync each time.
     # SLURM warns 120 s ahead (--signal USR1@120), so every 10 steps is ample at any realistic step time.
     stop_check_every_steps: int = 10
-    compile: bool | None = None  # torch.compile the model; None: on with CUDA, off on CPU
+    compile: bool | None = None  # torch.compile the model; None: on with CUDA below ZeRO-3, else off
     peak_tflops: float | None = None  # for MFU; None = detected GPU bf16 peak, none on CPU
 
 
@@ -182,6 +182,10 @@ class RunConfig:
                f"an integer in [0, schedule.epochs={s.epochs})")
         _check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
                f"a multiple of data.micro_batch_size={d.micro_batch_size}")
+        _check(not (t.precision == "fp16" and t.zero_stage > 0), "train.precision", t.precision,
+               f"bf16 or fp32 with train.zero_stage={t.zero_stage}, or fp16 with train.zero_stage=0 (DeepSpeed's "
+               "ZeRO optimizer skips an overflowing fp16 step before the gradient scaler sees it: the scale never "
+               "backs off)")
         _check(not (self.ema.enabled and t.zero_stage == 3), "ema.enabled", self.ema.enabled,
                "false with train.zero_stage=3 (ZeRO-3 partitions the parameters the EMA copies; use stage <= 2)")
         mixing = (self.mixup.mixup > 0 or self.mixup.cutmix > 0) and self.mixup.prob > 0

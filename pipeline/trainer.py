@@ -198,6 +198,8 @@ class Trainer:
         elastic = checkpoint.prepare_elastic(run_dir, world, rank)  # before the engine: DeepSpeed reads it at init
         self.engine, self.scheduler = engine.build_engine(cfg, model, world, self.updates_per_epoch,
                                                           load_universal=elastic)
+        if self.ema is not None:  # copied before DeepSpeed hooked the model; now in the layout the engine gave it
+            engine.to_param_layout(cfg, self.ema.module)
         self.mixup = engine.build_mixup(cfg)
         self.criterion = engine.build_criterion(cfg, self.mixup)
 
@@ -270,7 +272,8 @@ class Trainer:
                     log_now = boundary and ((state.step + 1) % cfg.train.log_every_steps == 0
                                             or state.step + 1 == self.max_steps)
                     loss, grad_norm = engine.train_micro_step(self.engine, self.criterion, self.mixup, images, labels,
-                                                              bool(cfg.data.channels_last), grad_norm=log_now)
+                                                              bool(cfg.data.channels_last), grad_norm=log_now,
+                                                              clip_grad=cfg.optim.clip_grad)
                     losses.append(loss)
                     state.batch += 1
                     if boundary:  # an optimizer step happened
@@ -323,11 +326,9 @@ class Trainer:
     def _log_train(self, losses: list[torch.Tensor], grad_norm: torch.Tensor | None) -> None:
         loss = self._checked_loss(losses)
         lr = self.engine.optimizer.param_groups[0]["lr"]
-        norm = self.engine.get_global_grad_norm()
-        norm = grad_norm if norm is None else norm
         m = {"train/loss": loss, "train/lr": lr, **{f"perf/{k}": v for k, v in self.meter.report().items()}}
-        if norm is not None:
-            m["train/grad_norm"] = float(norm)
+        if grad_norm is not None:
+            m["train/grad_norm"] = float(grad_norm)
         self.tracker.log_metrics(m, step=self.state.step)
         self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", img_s=f"{m['perf/images_per_s']:.0f}")
 
@@ -487,12 +488,14 @@ class Trainer:
 
 
 def _resolve_device_defaults(cfg: RunConfig, device: torch.device) -> None:
-    """``None`` means "what is fast here": channels_last and torch.compile pay off on CUDA, cost time on a CPU."""
+    """``None`` means "what is fast here": channels_last and torch.compile pay off on CUDA, cost time on a CPU.
+    Not compile at ZeRO-3: its parameter-gathering hooks on every submodule are ``torch.compiler.disable``d, so the
+    compiled model is one graph break per submodule, compile time without its gain."""
     on_gpu = device.type == "cuda"
     if cfg.data.channels_last is None:
         cfg.data.channels_last = on_gpu
     if cfg.train.compile is None:
-        cfg.train.compile = on_gpu
+        cfg.train.compile = on_gpu and cfg.train.zero_stage < 3
 
 
 def default_run_dir(arch: str, job_id: str | None = None) -> Path:

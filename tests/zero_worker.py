@@ -45,10 +45,12 @@ def train(cfg, info, steps: int, accum: int, eval_bn: bool):
     if eval_bn:
         eng.eval()  # BatchNorm on running stats: a 2B batch and 2 x B accumulation then see the same function
     crit = engine.build_criterion(cfg, None)
-    losses = []
+    losses, norms = [], []
     per_rank = cfg.train.global_batch_size // info.world_size
     for x, y in micro_batches(info.rank, info.world_size, steps, per_rank, accum):
-        losses.append(engine.train_micro_step(eng, crit, None, x, y)[0].item())
+        loss, norm = engine.train_micro_step(eng, crit, None, x, y, grad_norm=True)
+        losses.append(loss.item())
+        norms += [] if norm is None else [float(norm)]
     if eng.zero_optimization_stage() == 3:
         import deepspeed
 
@@ -57,7 +59,7 @@ def train(cfg, info, steps: int, accum: int, eval_bn: bool):
             flat = torch.cat([p.detach().float().flatten() for p in params])
     else:
         flat = torch.cat([p.detach().float().flatten() for p in eng.module.parameters()])
-    return losses, flat
+    return losses, flat, norms
 
 
 def bn_statistics(precision: str, info, steps: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -106,12 +108,13 @@ def main() -> None:
     elif mode == "zero":
         precision = sys.argv[2]
         for stage in (0, 1, 2, 3):
-            losses, flat = train(tiny_cfg(stage, precision, 4, 4 * info.world_size), info, 4, 1, False)
-            out[stage] = {"losses": losses, "checksum": flat.double().sum().item(), "norm": flat.norm().item()}
+            losses, flat, grad_norms = train(tiny_cfg(stage, precision, 4, 4 * info.world_size), info, 4, 1, False)
+            out[stage] = {"losses": losses, "checksum": flat.double().sum().item(), "norm": flat.norm().item(),
+                          "grad_norms": grad_norms}
     else:  # accumulation: 2 micro-batches of 4 vs 1 batch of 8, same samples, same global batch
         g = info.world_size
-        _, small_w = train(tiny_cfg(0, "fp32", 4, 8 * g), info, 2, 2, True)
-        _, big_w = train(tiny_cfg(0, "fp32", 8, 8 * g), info, 2, 1, True)
+        _, small_w, _ = train(tiny_cfg(0, "fp32", 4, 8 * g), info, 2, 2, True)
+        _, big_w, _ = train(tiny_cfg(0, "fp32", 8, 8 * g), info, 2, 1, True)
         out = {"max_weight_diff": (small_w - big_w).abs().max().item(), "weight_norm": big_w.norm().item()}
     if info.rank == 0:
         print("RESULT " + json.dumps(out), flush=True)
