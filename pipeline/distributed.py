@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pipeline.config import ConfigError
+
 _DEVICE = torch.device("cpu")  # this rank's device, set by init()
 _STORE_FILE: Path | None = None  # a lone rank's file store, removed by shutdown()
 _EXPORTED: dict[str, str] = {}  # the rank variables export_env() invented for a lone process, removed by shutdown()
@@ -83,6 +85,7 @@ def cpu_threads(local_world: int) -> int:
 
 
 def init() -> DistInfo:
+    check_gpu_expected()
     export_env()
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -127,6 +130,50 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # alive, and another user's
         pass
     return True
+
+
+# the oldest NVIDIA driver branch each CUDA major version runs on (NVIDIA's CUDA toolkit release notes)
+MIN_DRIVER = {11: 450, 12: 525, 13: 580}
+SLURM_GPU_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS",
+                  "SLURM_GPUS_PER_TASK")
+
+
+def check_gpu_expected() -> None:
+    """Refuse to start on the CPU where a GPU was asked for. A driver older than torch's CUDA build makes
+    ``torch.cuda.is_available()`` False, and the run would otherwise train on the CPU with gloo, quietly and ~100x
+    slower."""
+    asked = gpu_requests()
+    if torch.cuda.is_available() or not asked:
+        return
+    try:
+        torch.cuda.init()
+        why = "no CUDA device is visible"
+    except (RuntimeError, AssertionError) as e:  # torch's own reason: no driver, a driver too old, no CUDA build
+        why = str(e).split(". ")[0].splitlines()[0].rstrip(".")
+    cuda = torch.version.cuda or ""
+    need = MIN_DRIVER.get(int(cuda.split(".")[0] or 0))
+    need = f", CUDA {cuda} needs {need} or newer" if need else ""
+    raise ConfigError(f"a GPU was expected ({', '.join(f'{k}={v}' for k, v in asked.items())}) but torch "
+                      f"{torch.__version__} cannot use one: {why}; NVIDIA driver {_driver_version() or 'not found'}"
+                      f"{need}: update the driver or install a torch build for it (not training on the CPU)")
+
+
+def gpu_requests() -> dict[str, str]:
+    """The variables that ask for a GPU: SLURM's GPU allocation (``--gpus*``, ``--gres=gpu``), or
+    CUDA_VISIBLE_DEVICES naming a device (not "", "-1" or SLURM's "NoDevFiles", which hide them all)."""
+    asked = {k: v for k in SLURM_GPU_VARS if (v := os.environ.get(k, "")) not in ("", "0")}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible and not visible.startswith(("-", "NoDevFiles")):
+        asked["CUDA_VISIBLE_DEVICES"] = visible
+    return asked
+
+
+def _driver_version() -> str | None:
+    """The loaded NVIDIA kernel module's version (``/proc/driver/nvidia/version``), without CUDA."""
+    with contextlib.suppress(OSError, IndexError, StopIteration):
+        line = Path("/proc/driver/nvidia/version").read_text().splitlines()[0]
+        return next(w for w in line.split() if w[:1].isdigit() and "." in w)
+    return None
 
 
 def _quiet_cpu_deepspeed() -> None:
