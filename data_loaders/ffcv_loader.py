@@ -5,10 +5,12 @@ ranks. The one exception is a single process reading through process memory (``o
 than RAM): FFCV's page-aware QUASI_RANDOM, which FFCV refuses with several ranks. Val: each rank reads its
 contiguous slice in order, so every sample is scored once; FFCV's own distributed mode would pad with duplicates.
 
-Device placement differs on purpose. On a GPU the pipeline is ffcv-imagenet's: decode -> ToTensor -> ToDevice
-(non_blocking) -> ToTorchImage(channels_last) -> NormalizeImage on the device. On the CPU that order hangs
-forever inside ``Loader.__init__`` (a loop in FFCV's pipeline-graph grouping without a ToDevice), so the CPU
-pipeline normalises the uint8 HWC array in numpy first, then ToTensor -> ToTorchImage.
+Device placement differs on purpose. On a GPU: decode -> ToTensor -> ToDevice (non_blocking, uint8: a quarter
+of float32's bytes) -> ToTorchImage (a free NCHW view of the NHWC batch), then ``DeviceNormalize`` in torch: one
+kernel that converts to float32, normalises and writes the trainer's memory format. FFCV's own NormalizeImage on
+the GPU generates a cupy kernel (cupy is not a dependency) and accepts channels_last input only. On the CPU the GPU
+order hangs forever inside ``Loader.__init__`` (a loop in FFCV's pipeline-graph grouping without a ToDevice), so
+the CPU pipeline normalises the uint8 HWC array in numpy first, then ToTensor -> ToTorchImage.
 
 Exactness: the sample order of an epoch is a function of (seed, epoch), and ``start_batch`` skips by index
 without decoding. FFCV draws its crop/flip randomness from an unseeded numba RNG, so augmentation is not
@@ -41,20 +43,41 @@ from .base import (
 
 
 def _resumable_loader_class():
+    import ffcv.loader.loader as ffcv_loader
     from ffcv.loader import Loader
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class RankDeviceIterator(EpochIterator):
+        """FFCV's batch thread, on the rank's GPU from its first line. A new thread's current CUDA device is 0, and
+        the stream context FFCV enters for every batch restores the thread's device on exit through torch's
+        set_stream, whose cudaSetDevice(0) creates a CUDA context (~0.5 GB) on GPU 0 for every rank but 0."""
+
+        def run(self):
+            torch.cuda.set_device(self.loader.cuda_device)
+            super().run()
 
     class ResumableLoader(Loader):
         """FFCV's Loader whose next epoch can start ``skip`` batches in (mid-epoch resume), and whose order can
         come from ``rank_order(epoch)`` instead of FFCV's distributed mode, which reads rank and world size from
-        an initialised torch.distributed process group and pads the last shard."""
+        an initialised torch.distributed process group and pads the last shard. With ``cuda_device`` its batch
+        thread runs on that GPU."""
 
-        def __init__(self, *args, rank_order=None, **kwargs):
-            self.rank_order, self.skip = rank_order, 0
+        def __init__(self, *args, rank_order=None, cuda_device=None, **kwargs):
+            self.rank_order, self.skip, self.cuda_device = rank_order, 0, cuda_device
             super().__init__(*args, **kwargs)
 
         def next_traversal_order(self):
             order = self.rank_order(self.next_epoch) if self.rank_order else super().next_traversal_order()
             return order[self.skip * self.batch_size:]
+
+        def __iter__(self):
+            if self.cuda_device is None:
+                return super().__iter__()
+            ffcv_loader.EpochIterator = RankDeviceIterator  # the name FFCV's __iter__ starts its thread by
+            try:
+                return super().__iter__()
+            finally:
+                ffcv_loader.EpochIterator = EpochIterator
 
     return ResumableLoader
 
@@ -136,12 +159,13 @@ class FFCVLoader(LoaderBase):
         self.batch_size = cfg.micro_batch_size
 
         decode = _decoder(meta, cfg, split, path)
-        mean, std = np.array(cfg.mean) * 255, np.array(cfg.std) * 255
+        self._normalize = None
         if device.type == "cuda":
-            image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(cfg.channels_last),
-                     NormalizeImage(mean, std, np.float32)]
+            image = [*decode, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
             label = [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+            self._normalize = DeviceNormalize(cfg.mean, cfg.std, bool(cfg.channels_last), device)
         else:  # normalise before ToTensor: the GPU order hangs FFCV's Loader.__init__ without ToDevice
+            mean, std = np.array(cfg.mean) * 255, np.array(cfg.std) * 255
             image = [*decode, NormalizeImage(mean, std, np.float32), ToTensor(), ToTorchImage(cfg.channels_last)]
             label = [IntDecoder(), ToTensor(), Squeeze()]
 
@@ -156,10 +180,27 @@ class FFCVLoader(LoaderBase):
                       "indices": rank_indices(n, "val", rank, world_size, self.batch_size, cfg.seed, 0)}
         self._loader = _resumable_loader_class()(
             str(path), batch_size=self.batch_size, num_workers=max(1, num_workers(cfg)), os_cache=cfg.os_cache,
-            seed=cfg.seed, pipelines={"image": image, "label": label}, batches_ahead=2, **kwargs)
+            seed=cfg.seed, pipelines={"image": image, "label": label}, batches_ahead=2,
+            cuda_device=device if device.type == "cuda" else None, **kwargs)
         self._len = len(self._loader)
 
     def _batches(self, epoch: int, start_batch: int) -> Iterator[Batch]:
         self._loader.next_epoch, self._loader.skip = epoch, start_batch
         for images, labels in self._loader:
-            yield images, labels.long().reshape(-1)
+            yield (self._normalize(images) if self._normalize else images), labels.long().reshape(-1)
+
+
+class DeviceNormalize:
+    """uint8 NCHW images (any strides) -> float32 ``(x - 255 mean) / (255 std)`` in one kernel: ``addcmul`` into an
+    output allocated in the wanted memory format, so the dtype change, the normalisation and the layout change are
+    one pass over the batch on the device."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], channels_last: bool, device: torch.device):
+        mean64, std64 = (torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1) for v in (mean, std))
+        self.scale = (1 / (255 * std64)).to(device, torch.float32)
+        self.shift = (-mean64 / std64).to(device, torch.float32)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=self.memory_format)
+        return torch.addcmul(self.shift, images, self.scale, out=out)

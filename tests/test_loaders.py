@@ -210,6 +210,47 @@ def test_ffcv_cpu_pipeline_order_does_not_hang(synthetic_betons):
     assert "ok (4, 3, 32, 32)" in out.stdout, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_ffcv_device_normalisation_matches_the_cpu_pipeline(channels_last):
+    """On a GPU the FFCV loader normalises in torch (no cupy), from FFCV's uint8 NHWC batch seen as NCHW, into the
+    configured memory format: values as FFCV's CPU table, (x - 255 mean) / (255 std), to fp32 rounding (measured
+    3.3e-7)."""
+    from data_loaders.ffcv_loader import DeviceNormalize
+
+    cfg = DataConfig()
+    nhwc = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = DeviceNormalize(cfg.mean, cfg.std, channels_last, CPU)(nhwc.permute(0, 3, 1, 2))
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) * 255 for v in (cfg.mean, cfg.std))
+    expected = (nhwc.permute(0, 3, 1, 2).double() - mean) / std
+    assert out.dtype == torch.float32 and out.shape == (4, 3, 16, 16)
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert (out.double() - expected).abs().max().item() < 1e-6
+
+
+def test_ffcv_batch_thread_starts_on_the_ranks_gpu(synthetic_betons, monkeypatch):
+    """FFCV's batch thread makes the rank's GPU current before its first batch (a new thread starts on GPU 0, where
+    FFCV's per-batch stream context would create a context for every rank): checked on a CPU pipeline, with
+    torch.cuda.set_device recording where it was called."""
+    import threading
+
+    import ffcv.loader.loader as ffcv_loader
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.transforms import ToTensor
+
+    from data_loaders.ffcv_loader import _resumable_loader_class
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((d, threading.current_thread().name)))
+    original = ffcv_loader.EpochIterator
+    loader = _resumable_loader_class()(str(synthetic_betons["train"]), batch_size=4, num_workers=1,
+                                       pipelines={"image": None, "label": [IntDecoder(), ToTensor()]},
+                                       cuda_device=torch.device("cuda", 1))
+    labels = [y for (y,) in loader]
+    assert len(labels) == len(loader) and calls[0][0] == torch.device("cuda", 1)
+    assert len(calls) == 1 and calls[0][1] != threading.current_thread().name  # once, in FFCV's thread
+    assert ffcv_loader.EpochIterator is original  # FFCV's own class again for any other loader
+
+
 def test_importing_the_torchvision_loader_changes_nothing_in_timm():
     script = ("import data_loaders.torchvision_loader; from timm.data import auto_augment as a; "
               "print(a.NAME_TO_OP['PosterizeIncreasing'] is a.posterize)")
