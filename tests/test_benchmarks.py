@@ -62,8 +62,9 @@ def test_the_smoke_checks_pass_on_the_cpu_with_the_gpu_images_packages(gpu_image
                      out, re.M), out
     assert re.search(r"^PASS resume: resuming at step \d, FINISHED at step 12$", out, re.M), out
     assert re.search(r"^PASS eval: top-1 [\d.]+, EMA top-1 [\d.]+ \(32 images\)$", out, re.M), out
-    assert re.search(r"^PASS export: local-dir:\S+ in timm: top-1 [\d.]+, the run's [\d.]+ \(32 images\)$", out,
-                     re.M), out
+    assert re.search(r"^PASS export: local-dir:\S+ in timm: top-1 ([\d.]+), the checkpoint's weights \1 \(eager fp32, "
+                     r"32 images\); the run's own eval [\d.]+$", out, re.M), out
+    assert "PASS syncs: 0 device syncs in 5 steady steps at ZeRO 0, 1 and 2 (fp32, mixup, EMA)\n" in out
     assert "FAIL" not in out and out.endswith("all checks passed\n")
 
 
