@@ -13,9 +13,9 @@ Nothing here waits for the device or reads a value back to the host per step, at
 stays on the device, and the NaN check happens where the trainer syncs anyway (the log interval and before every
 save). DeepSpeed's defaults would sync: its throughput timer synchronizes the device in every forward and step, and
 ZeRO-1/2 compute and read back the gradient norm every step. Both are switched off below; the norm is computed on
-log steps only, and ZeRO-0 clips itself (``torch.nn.utils.clip_grad_norm_``, no host read) instead of DeepSpeed's
-clipping, which copies two host scalars to the device per step. Only clipping at ZeRO 1-2 still reads the norm back
-per step (DeepSpeed checks it on the host); ZeRO-3 syncs in its parameter gathering in any case.
+log steps only, and ZeRO-0 clips itself (``grad_norm_``, on the device) instead of DeepSpeed's clipping, which
+copies two host scalars to the device per step. Only clipping at ZeRO 1-2 still reads the norm back per step
+(DeepSpeed checks it on the host); ZeRO-3 syncs in its parameter gathering in any case. ``pipeline.syncs`` counts.
 """
 
 from __future__ import annotations
@@ -85,9 +85,9 @@ def zero_config(stage: int, clip: float, device_type: str) -> dict[str, Any]:
 
 def build_optimizer(cfg: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
     """AdamW without decay on norms, biases and tokens; torch's fused kernel on every device: one launch per step
-    instead of one per tensor group on a GPU (67 -> 49 ms per sovit_19 step on an H200), and 1.13x (sovit_7) to
-    1.25x (sovit_19) faster plain steps on a CPU. With fp16 it also takes the gradient scaler's inf check itself,
-    so a skipped step costs no host read."""
+    instead of one per tensor group on a GPU (67 -> 49 ms per sovit_19 step on an H200), a 1.10x faster plain
+    sovit_7 step on a CPU. With fp16 it also takes the gradient scaler's inf check itself, so a skipped step costs
+    no host read."""
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay, no_weight_decay_list=no_decay)
     return torch.optim.AdamW(groups, lr=cfg.scaled_lr(), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
