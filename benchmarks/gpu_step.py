@@ -53,12 +53,14 @@ PROFILES = {"cuda": {"warmup": 10, "steps": 30, "rounds": 3, "epoch": 16, "epoch
 
 
 def step_config(arch: str, batch: int, img: int, zero: int, on_gpu: bool):
-    """The engine's RunConfig for one step variant: no mixup or label smoothing, so the loss is plain CE."""
+    """The engine's RunConfig for one step variant: ImageNet's 1000-class head (no data to count classes from), no
+    mixup or label smoothing, so the loss is plain CE."""
     from pipeline.config import load_config
 
     flag = str(on_gpu).lower()
     return load_config(overrides=[
-        f"model.arch={arch}", f"model.img_size={img}", f"data.img_size={img}", f"data.micro_batch_size={batch}",
+        f"model.arch={arch}", f"model.img_size={img}", f"data.img_size={img}", "model.num_classes=1000",
+        f"data.micro_batch_size={batch}",
         f"train.global_batch_size={batch}", f"train.zero_stage={zero}", f"data.channels_last={flag}",
         f"train.precision={'bf16' if on_gpu else 'fp32'}", f"train.compile={flag}", "mixup.mixup=0", "mixup.cutmix=0",
         "mixup.label_smoothing=0", "ema.enabled=false", "tracking.enabled=false"])

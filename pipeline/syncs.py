@@ -45,7 +45,7 @@ def count_syncs(device: torch.device) -> Iterator[collections.Counter[str]]:
 
     counts: collections.Counter[str] = collections.Counter()
     accelerator = get_accelerator()
-    real = accelerator.synchronize
+    real, patched_before = accelerator.synchronize, vars(accelerator).get("synchronize")
 
     def synchronize(*args, **kwargs):
         counts["synchronize"] += 1
@@ -66,6 +66,9 @@ def count_syncs(device: torch.device) -> Iterator[collections.Counter[str]]:
             with _HostReads(counts):
                 yield counts
     finally:
-        del accelerator.synchronize  # the instance attribute goes; the class's method shows again
+        if patched_before is None:
+            del accelerator.synchronize  # the class's method shows again
+        else:
+            accelerator.synchronize = patched_before
     for kind in [k for k, v in counts.items() if not v]:
         del counts[kind]

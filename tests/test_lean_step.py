@@ -159,3 +159,16 @@ def test_the_ema_has_the_trained_models_memory_format(one_rank, synthetic_root, 
     assert all(p.is_contiguous(memory_format=layout) for p in convs)
     assert all(p.is_contiguous() for p in convs) == (stage == 1)  # 1x1 convs are both layouts at once
     assert all(p.stride() == e.stride() for p, e in pairs)
+
+
+def test_a_compiled_engine_runs_where_synchronize_is_cudas(one_rank, monkeypatch):
+    """On a GPU, DeepSpeed's synchronize() is torch.cuda.synchronize(None): its throughput timer called it in the
+    compiled forward pre-hook from the third step (dynamo cannot trace it in torch 2.14) and in every step. Given
+    CUDA's synchronize here (which fails on this machine whenever it runs), a compiled engine takes four steps."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "synchronize", torch.cuda.synchronize)
+    eng, criterion, _ = tiny(0, micro=2)
+    eng.compile(backend="eager")  # dynamo's tracing without inductor's code generation
+    losses = [engine.train_micro_step(eng, criterion, None, x, y)[0] for x, y in batches(4, micro=2)]
+    assert torch.isfinite(torch.stack(losses)).all()
