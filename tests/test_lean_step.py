@@ -7,6 +7,8 @@ by the host, each of which waits for the GPU queue to drain on CUDA).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import timm
 import torch
@@ -53,6 +55,7 @@ def test_steady_steps_never_wait_for_the_device(one_rank, stage):
     data = batches(27, micro=2)
     for x, y in data[:3]:  # the first steps build DeepSpeed's lazy state
         engine.train_micro_step(eng, criterion, None, x, y)
+    gc.collect()  # an earlier test's engine, destroyed in the window, would synchronize (DeepSpeed's destroy())
     with count_syncs(one_rank.device) as syncs:
         for x, y in data[3:]:
             engine.train_micro_step(eng, criterion, None, x, y)
