@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_loaders.errors import SovitError
+
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launchers" / "train.py"
 EXPORT = ROOT / "launchers" / "export.py"
@@ -51,8 +53,10 @@ SYNC_STEPS = {"cuda": 20, "cpu": 5}  # steady steps the syncs check counts over,
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
-class CheckFailed(Exception):
+class CheckFailed(SovitError):
     """A check's one-line reason; ``log`` is the process output worth showing under the FAIL line."""
+
+    exit_code = 1
 
     def __init__(self, message: str, log: str = ""):
         super().__init__(message)

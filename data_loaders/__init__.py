@@ -2,17 +2,22 @@
 
 ``build(cfg, split, rank, world_size, device)`` picks the implementation named by ``cfg.loader`` (``dali`` reads
 val through the torchvision loader); backends are imported lazily, so a machine without FFCV or DALI can still use
-the others. Problems with the data raise ``DataError``, unset or invalid config keys ``ConfigError``, before any
-decoding starts.
+the others, and importing this package (``pipeline.config`` does, for ``DataConfig``) loads no torch. Problems with
+the data raise ``DataError``, unset or invalid config keys ``ConfigError``, before any decoding starts.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from pipeline.config import ConfigError, DataConfig
+from .config import DataConfig
+from .errors import ConfigError, DataError
+from .splits import Split, read_sidecar, sidecar_path, split_path
 
-from .base import DataError, Loader, Split, read_sidecar, sidecar_path, split_path
+if TYPE_CHECKING:
+    import torch
+
+    from .base import Loader
 
 
 def build(cfg: DataConfig, split: Split, rank: int, world_size: int, device: torch.device,
@@ -45,4 +50,4 @@ def class_names(cfg: DataConfig, split: Split) -> list[str]:
     return find_classes(path)
 
 
-__all__ = ["DataError", "Loader", "build", "class_names", "sidecar_path"]
+__all__ = ["ConfigError", "DataConfig", "DataError", "build", "class_names", "sidecar_path"]

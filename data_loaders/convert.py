@@ -41,9 +41,10 @@ import psutil
 from PIL import Image
 from tqdm import tqdm
 
-from .base import DataError, read_sidecar, sidecar_path
 from .encode import EvalCrop, Stored, encode
+from .errors import DataError, SovitError
 from .folders import find_classes, scan
+from .splits import read_sidecar, sidecar_path
 
 # Giants (e.g. 5000x3500 scans, and larger) are legitimate ImageNet images; PIL refuses above 2 x 89M pixels.
 # Raised only in convert()'s own worker processes.
@@ -321,8 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     opts = ConvertOptions(**{f.name: getattr(a, f.name) for f in fields(ConvertOptions)})
     try:
         r = convert(a.src, a.out, classes_from=a.classes_from, options=opts, overwrite=a.overwrite)
-    except DataError as e:
-        p.exit(2, f"error: {e}\n")
+    except SovitError as e:
+        p.exit(e.exit_code, f"error: {e}\n")
     print(f"wrote {a.out}: {r['num_samples']} images, {r['num_classes']} classes, {len(r['skipped'])} skipped, "
           f"{r['bytes'] / 2**20:.1f} MiB in {r['seconds']:.1f} s ({r['images_per_second']:.0f} img/s, "
           f"{r['images_per_second_per_worker']:.0f} img/s per worker); report: {sidecar_path(a.out)}")

@@ -26,17 +26,10 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
-
-from .base import (
-    Batch,
-    LoaderBase,
-    Split,
-    num_batches,
-    num_workers,
-    rank_indices,
-)
+from .base import Batch, LoaderBase, num_batches, num_workers, rank_indices
+from .config import DataConfig
 from .folders import read_split
+from .splits import Split
 
 
 def _build_pipeline(files: list[str], labels: list[int], cfg: DataConfig, device: torch.device, threads: int,

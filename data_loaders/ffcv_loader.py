@@ -27,19 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import DataConfig
-
-from .base import (
-    Batch,
-    DataError,
-    LoaderBase,
-    Split,
-    check_classes,
-    num_workers,
-    rank_indices,
-    read_sidecar,
-    split_path,
-)
+from .base import Batch, LoaderBase, num_workers, rank_indices
+from .config import DataConfig
+from .errors import DataError
+from .splits import Split, check_classes, read_sidecar, split_path
 
 
 def _resumable_loader_class():

@@ -15,9 +15,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.config import DataConfig
-
-from .base import DataError, Split, check_classes, split_path
+from .config import DataConfig
+from .errors import DataError
+from .splits import Split, check_classes, split_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -69,6 +69,11 @@ def scan(root: str | Path, classes: list[str] | None = None
     root = Path(root)
     found = find_classes(root)
     check_classes(found, root, expected=classes)
+    return _scan(root, found)
+
+
+def _scan(root: Path, found: list[str]) -> tuple[list[tuple[str, int]], list[dict], list[dict]]:
+    """``scan`` of a root whose class folders ``found`` were listed and checked already."""
     samples: list[tuple[str, int]] = []
     unread: list[dict] = []
     ignored: list[dict] = []
@@ -124,4 +129,4 @@ def read_split(cfg: DataConfig, split: Split, num_classes: int | None = None,
                         "ImageFolder (<split>/<class>/<image>)")
     found = find_classes(root)
     check_classes(found, root, num_classes, classes)
-    return found, list_samples(root, found)
+    return found, _scan(root, found)[0]  # the class folders are listed once

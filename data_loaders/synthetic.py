@@ -203,8 +203,8 @@ def ensure_demo_data(data, classes: int, per_class: int = 200, val_per_class: in
         generate(root, classes=classes, per_class=per_class, size=size, val_per_class=val_per_class, seed=0)
     if data.loader != "ffcv" or (Path(data.train).exists() and Path(data.val).exists()):
         return
-    from .base import sidecar_path
     from .convert import ConvertOptions, convert
+    from .splits import sidecar_path
 
     print(f"demo: converting to {data.train} and {data.val} ...", flush=True)
     options = {"train": ConvertOptions(max_resolution=size),  # val: timm's eval crops, so top-1 is the standard one

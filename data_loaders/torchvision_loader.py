@@ -15,10 +15,10 @@ from PIL import Image
 from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import DataConfig
-
-from .base import Batch, LoaderBase, Split, num_batches, num_workers, rank_indices
+from .base import Batch, LoaderBase, num_batches, num_workers, rank_indices
+from .config import DataConfig
 from .folders import read_split
+from .splits import Split
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **kw) -> Image.Image:

@@ -71,7 +71,7 @@ def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> 
         loader = data_loaders.build(cfg.data, "val", info.rank, info.world_size, info.device,
                                     num_classes=m.num_classes)
         model = timm.create_model(m.arch, num_classes=m.num_classes, img_size=m.img_size, head=m.head)
-        state_dict = weights()  # outside the try: CheckpointError is a RuntimeError too
+        state_dict = weights()
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as e:  # the first line only says "Error(s) in loading state_dict"; the second names it
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     paths_as_bytes()
 
-    from data_loaders import DataError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError
+    from data_loaders.errors import SovitError
 
     try:
         cfg, weights = load(a)
@@ -107,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.data.val = a.data
         cfg.data.loader = a.loader or ("ffcv" if a.data.endswith(".beton") else folder_loader)
         r = evaluate(cfg, weights)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except SovitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     if int(os.environ.get("RANK", "0")) == 0:  # every rank holds the summed result
         print(f"top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  loss {r['loss']:.4f}  ({r['samples']} images)")
     return 0

@@ -46,17 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (a.run_dir / "config.yaml").is_file():
         return fail(f"{a.run_dir} is not a run directory (no config.yaml): pass the checkpoint.run_dir of a run")
 
+    from data_loaders.errors import SovitError
     from pipeline import export
-    from pipeline.checkpoint import CheckpointError, consolidated_state_dict
-    from pipeline.config import ConfigError, load_config
-    from pipeline.files import WriteError
+    from pipeline.checkpoint import consolidated_state_dict
+    from pipeline.config import load_config
 
     try:
         cfg = load_config([a.run_dir / "config.yaml"])
         state_dict = consolidated_state_dict(a.run_dir, a.tag, a.ema)
         a.out.parent.mkdir(parents=True, exist_ok=True)  # once the weights are read: a bad run leaves no folders
         (export.save_local_dir if fmt == "local-dir" else export.save_safetensors)(state_dict, cfg, a.out)
-    except (ConfigError, CheckpointError, WriteError) as e:
+    except SovitError as e:
         return fail(str(e))
     except OSError as e:  # the output could not be written: an existing folder of other files, disk full, ...
         return fail(f"could not write {a.out}: {e}")

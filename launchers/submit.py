@@ -18,13 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from data_loaders import DataError
+from data_loaders.errors import SovitError
 from launchers import parser
 from launchers.train import EXIT_CODES
 from pipeline import slurm
-from pipeline.config import ConfigError, add_config_args, paths_as_bytes, plain
-from pipeline.files import WriteError
-from pipeline.launch import SBATCH_FLAGS, Plan, RankFailed, Terminated, UsageError, make_plan, run_local
+from pipeline.config import add_config_args, paths_as_bytes, plain
+from pipeline.launch import SBATCH_FLAGS, Plan, Terminated, make_plan, run_local
 from pipeline.tracking import ui_link
 from pipeline.trainer import default_run_dir
 
@@ -120,12 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = make_plan(args)
         return (_print_dry_run if args.dry_run else local if args.local else submit)(args, plan)
-    except (UsageError, ConfigError, DataError, WriteError, slurm.SlurmError) as e:
+    except SovitError as e:
         print(f"submit.py: error: {e}", file=sys.stderr)
-        return 2
-    except RankFailed as e:
-        print(f"submit.py: error: {e}", file=sys.stderr)
-        return 2 if e.user_error else 1
+        return e.exit_code
     except KeyboardInterrupt:
         print("submit.py: interrupted: the ranks saved what they could; rerun with --run-dir RUN to resume",
               file=sys.stderr)

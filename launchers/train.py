@@ -36,18 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     paths_as_bytes()
 
-    from data_loaders import DataError
-    from pipeline.checkpoint import CheckpointError
-    from pipeline.config import ConfigError, config_from_args
-    from pipeline.files import WriteError
+    from data_loaders.errors import SovitError
+    from pipeline.config import config_from_args
     from pipeline.trainer import run
 
     try:
         cfg = config_from_args(args)
         result = run(cfg)
-    except (ConfigError, DataError, CheckpointError, WriteError) as e:
+    except SovitError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: stopped without saving; rerun the same command to resume from the last checkpoint",
               file=sys.stderr)

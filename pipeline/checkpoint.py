@@ -52,6 +52,8 @@ from unittest import mock
 import numpy as np
 import torch
 
+from data_loaders.errors import SovitError
+
 from . import distributed, files
 
 TAG = re.compile(r"^step_(\d{8})$")
@@ -66,7 +68,7 @@ DEEPSPEED_GLOBALS = frozenset({
 })
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SovitError):
     """A checkpoint problem the user must act on; the message is one line naming the path and the fix."""
 
 
@@ -246,7 +248,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], rank_st
     try:
         engine.save_checkpoint(str(run_dir), tag=tag, client_state=client_state, save_latest=False)
         files.replace(tag_dir / f"rank{rank:05d}.pt", lambda tmp: torch.save(rank_state, tmp))
-    except (OSError, RuntimeError) as e:  # ENOSPC surfaces as RuntimeError from torch's zip writer
+    except (OSError, RuntimeError, files.WriteError) as e:  # ENOSPC: a RuntimeError from torch's zip writer
         failure = e
     if distributed.any_rank(failure is not None):
         previous = complete_tags(run_dir)

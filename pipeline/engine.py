@@ -29,6 +29,8 @@ from timm.optim import param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import accuracy
 
+from data_loaders.errors import SovitError
+
 from . import distributed
 from .config import RunConfig
 
@@ -145,8 +147,10 @@ def build_criterion(cfg: RunConfig, mixup: Mixup | None) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss()
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(SovitError):
     """The loss became NaN/inf: training stops with status FAILED (the trainer names the last good checkpoint)."""
+
+    exit_code = 1  # the run failed; its config and data were fine
 
 
 def train_micro_step(engine, criterion, mixup: Mixup | None, images: torch.Tensor, labels: torch.Tensor,

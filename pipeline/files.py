@@ -6,7 +6,8 @@ crash or a full disk never leaves half a file, a stray temporary one, or a messa
 A failed write removes what it wrote *before* measuring the free space it reports; measured earlier, the half-written
 file makes a disk with room to spare read "0.0 MiB free".
 
-Only the standard library is imported here: config, checkpoint, export and tracking all build on it.
+Only the standard library and the error root are imported here: config, checkpoint, export and tracking all build on
+it.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from data_loaders.errors import SovitError
 
-class WriteError(RuntimeError):
+
+class WriteError(SovitError):
     """A file could not be written (disk full, quota, read-only, permissions): one line naming it and the space."""
 
 
@@ -53,8 +56,9 @@ def write_error(path: Path, error: BaseException) -> WriteError:
 
 def is_write_failure(error: BaseException) -> bool:
     """What a write raises when the disk refuses it: OSError, and the RuntimeError of torch's zip writer or
-    safetensors' error, which carry no errno. Anything else is a bug and must keep its traceback."""
-    return isinstance(error, (OSError, RuntimeError)) or type(error).__name__ == "SafetensorError"
+    safetensors' error, which carry no errno, or the WriteError of a file written inside a folder being replaced.
+    Anything else is a bug and must keep its traceback."""
+    return isinstance(error, (OSError, RuntimeError, WriteError)) or type(error).__name__ == "SafetensorError"
 
 
 def temporary(path: Path) -> Path:

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from data_loaders import class_names
-from data_loaders.base import check_classes
+from data_loaders.errors import SovitError
+from data_loaders.splits import check_classes
 from pipeline import slurm
 from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args, paths_as_bytes
 from pipeline.distributed import cpu_threads
@@ -31,27 +32,26 @@ SBATCH_FLAGS = ("partition", "account", "qos", "constraint", "exclude")  # passe
 PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 
 
-class UsageError(ValueError):
+class UsageError(SovitError):
     """A bad command-line value; the message is one line naming it and the fix."""
 
 
-class RankFailed(RuntimeError):
-    """A local rank failed; the message is its error's first line and where its traceback is."""
+class RankFailed(SovitError):
+    """A local rank failed; the message is its error's first line and where its traceback is. A rank ends with its
+    error's exit code (``_rank``), so the launcher's is the rank's: 2 for an error the user must act on, else 1."""
 
-    def __init__(self, message: str, user_error: bool):
+    def __init__(self, message: str, rank_exit_code: int):
         super().__init__(message)
-        self.user_error = user_error
+        self.exit_code = rank_exit_code if rank_exit_code == SovitError.exit_code else 1
 
 
-class Terminated(RuntimeError):
-    """The local launcher got SIGTERM (or SIGHUP, SIGQUIT): its ranks were stopped; ``code`` is the shell's 128 + N."""
+class Terminated(BaseException):
+    """The local launcher got SIGTERM (or SIGHUP, SIGQUIT): its ranks were stopped; ``code`` is the shell's 128 + N.
+    Like KeyboardInterrupt, a request to stop rather than an error: no ``except Exception`` takes it for one."""
 
     def __init__(self, sig: signal.Signals):
         super().__init__(f"{sig.name}: the ranks were stopped (SIGTERM: after saving)")
         self.code = 128 + sig
-
-
-USER_ERRORS = ("ConfigError", "DataError", "CheckpointError", "WriteError")  # a rank's error the user must act on
 
 
 @dataclass(frozen=True)
@@ -175,7 +175,7 @@ def run_local(plan: Plan, log_dir: str, interface: str | None):
             message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
             message = (message or "no message").splitlines()[0]
             raise RankFailed(f"rank {rank} failed: {message} (its log and traceback: "
-                             f"{Path(failure.error_file).parent})", message.split(":")[0] in USER_ERRORS) from None
+                             f"{Path(failure.error_file).parent})", failure.exitcode) from None
         except SignalException as e:
             if e.sigval != signal.SIGINT:
                 raise Terminated(e.sigval) from None
@@ -186,7 +186,11 @@ def _rank(cfg: RunConfig, launcher: int):
     """One local rank: ``pipeline.trainer.run``, stopped with SIGTERM (it saves, then exits) when the launcher dies.
 
     A run stopped by SIGTERM or Ctrl-C exits here with 143 or 130: the elastic wrapper would otherwise hand its
-    result to a launcher that is shutting down (or dead) and wait for it to be read, until SIGKILL 30 s later."""
+    result to a launcher that is shutting down (or dead) and wait for it to be read, until SIGKILL 30 s later. An
+    error of ours is recorded as the elastic wrapper records any (the launcher reads its line from the error file),
+    and the rank exits with its exit code, which is how the launcher tells a user's error from a bug."""
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
     from pipeline.trainer import run
 
     paths_as_bytes()
@@ -195,7 +199,11 @@ def _rank(cfg: RunConfig, launcher: int):
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != launcher:  # it died before the prctl: no signal will come
         os.kill(os.getpid(), signal.SIGTERM)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except SovitError as e:
+        get_error_handler().record_exception(e)
+        raise SystemExit(e.exit_code) from None
     if result.signal in ("SIGTERM", "SIGINT"):
         raise SystemExit(128 + signal.Signals[result.signal])
     return result

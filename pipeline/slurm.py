@@ -20,11 +20,13 @@ from pathlib import Path
 
 from submitit.helpers import Checkpointable
 
+from data_loaders.errors import SovitError
+
 STOP_SIGNAL = "USR1"  # what pipeline.trainer saves and stops on; submitit's own default (USR2) is never sent
 _TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
-class SlurmError(ValueError):
+class SlurmError(SovitError):
     """A SLURM value or cluster state the user must fix; the message is one line naming it and the fix."""
 
 
