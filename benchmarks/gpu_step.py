@@ -30,7 +30,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpu_smoke import (
+# run as a script, its own folder is on sys.path and the project root is not: the helpers shared with the smoke test
+# are imported by their full name, benchmarks.gpu_smoke, never as a top-level module called gpu_smoke
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.gpu_smoke import (
     CLASSES,
     CheckFailed,
     Process,

@@ -70,9 +70,8 @@ def test_the_smoke_checks_pass_on_the_cpu_with_the_gpu_images_packages(gpu_image
 
 @pytest.mark.slow
 def test_the_ffcv_and_dali_train_checks_pass_on_the_cpu(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the train.py children
-    import gpu_smoke
+    from benchmarks import gpu_smoke
 
     smoke = gpu_smoke.Smoke(tmp_path, "cpu", img_size=32, batch=8, steps=12, timeout=300)
     smoke.data = gpu_smoke.make_data(tmp_path, ["ffcv", "dali"], train_images=48, val_images=16, size=32)
