@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from pipeline.runtime import command
 
 
 class _DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -24,3 +27,10 @@ def parser(prog: str, doc: str, show_defaults: bool = False) -> argparse.Argumen
     formatter = _DefaultsHelpFormatter if show_defaults else argparse.RawDescriptionHelpFormatter
     return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog or None,
                                    formatter_class=formatter)
+
+
+def next_commands(run_dir: str, val_data: str) -> str:
+    """The lines under a run's summary that use its weights: export them, then evaluate the export."""
+    run_dir, py = Path(run_dir), command()
+    return (f"  export   {py} launchers/export.py {run_dir} --out {run_dir / 'export'}\n"
+            f"  evaluate {py} launchers/evaluate.py --checkpoint {run_dir / 'export'} --data {val_data}")

@@ -84,7 +84,8 @@ def evaluate(cfg: RunConfig, weights: Callable[[], dict[str, torch.Tensor]]) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import add_config_args, paths_as_bytes  # yaml only: --help stays instant
+    from pipeline.config import add_config_args  # yaml only: --help stays instant
+    from pipeline.runtime import paths_as_bytes
 
     p = parser("launchers/evaluate.py", __doc__)
     p.add_argument("--checkpoint", type=Path, required=True,

@@ -25,7 +25,7 @@ from launchers import parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import paths_as_bytes  # yaml only: --help stays instant
+    from pipeline.runtime import paths_as_bytes  # the standard library only: --help stays instant
 
     p = parser("launchers/export.py", __doc__)
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by launchers/train.py")

@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from data_loaders.errors import SovitError
-from launchers import parser
+from launchers import next_commands, parser
 from launchers.train import EXIT_CODES
 from pipeline import slurm
-from pipeline.config import add_config_args, paths_as_bytes, plain
+from pipeline.config import add_config_args, plain
 from pipeline.launch import SBATCH_FLAGS, Plan, Terminated, make_plan, run_local
+from pipeline.runtime import paths_as_bytes
 from pipeline.tracking import ui_link
 from pipeline.trainer import default_run_dir
 
@@ -81,7 +82,8 @@ def local(args: argparse.Namespace, plan: Plan) -> int:
     top1 = result.val.get("top1")
     print(f"{'done' if result.status == 'FINISHED' else result.status} in {time.time() - t0:.0f} s on "
           f"{plan.ranks_per_node} local ranks: validation top-1 "
-          f"{f'{top1:.2f}%' if top1 is not None else 'not evaluated'}\n{result.summary(plan.cfg.data.val)}")
+          f"{f'{top1:.2f}%' if top1 is not None else 'not evaluated'}\n{result.summary()}\n"
+          f"{next_commands(result.run_dir, plan.cfg.data.val)}")
     if plan.cfg.tracking.enabled:
         print(f"watch: {result.link or ui_link(plan.cfg.tracking.uri)}")
     return EXIT_CODES[result.status]

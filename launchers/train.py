@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 
-from launchers import parser
+from launchers import next_commands, parser
+from pipeline.runtime import paths_as_bytes, slurm_job_id
 
 EXIT_CODES = {"FINISHED": 0, "STOPPED": 0, "FAILED": 1, "KILLED": 143}
 
 
 def requeue_self() -> None:
     """Put this SLURM job back in the queue (rank 0 only): it resumes from ``latest`` when it starts again."""
-    job = os.environ["SLURM_JOB_ID"]
+    job = slurm_job_id()
     print(f"checkpoint saved; requeueing SLURM job {job}", flush=True)
     done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -29,7 +30,7 @@ def requeue_self() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import add_config_args, paths_as_bytes
+    from pipeline.config import add_config_args
 
     p = parser("launchers/train.py", __doc__)
     add_config_args(p)
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 130
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    if result.requeue and os.environ.get("SLURM_JOB_ID") and main_rank:
+    if result.requeue and slurm_job_id() and main_rank:
         requeue_self()
     elif main_rank and result.status in ("FINISHED", "KILLED"):
-        print(result.summary(cfg.data.val), flush=True)
+        print(f"{result.summary()}\n{next_commands(result.run_dir, cfg.data.val)}", flush=True)
     return 130 if result.signal == "SIGINT" else EXIT_CODES[result.status]
 
 

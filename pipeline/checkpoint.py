@@ -55,6 +55,7 @@ import torch
 from data_loaders.errors import SovitError
 
 from . import distributed, files
+from .runtime import slurm_job_id
 
 TAG = re.compile(r"^step_(\d{8})$")
 SET_ASIDE = "SET_ASIDE"
@@ -74,9 +75,6 @@ class CheckpointError(SovitError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-atomic_write, write_json = files.write_bytes, files.write_json  # the names the trainer and older callers use
 
 
 # ---------------------------------------------------------------------------------------------- safe loading
@@ -163,7 +161,7 @@ class RunLock:
                 break
             os.close(fd)  # the holder removed it after a failed start: lock the current file instead
         self._created += [self.path] if created else []
-        job = os.environ.get("SLURM_JOB_ID")
+        job = slurm_job_id()
         holder = f"host {socket.gethostname()}, pid {os.getpid()}" + (f", SLURM job {job}" if job else "")
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
@@ -361,7 +359,7 @@ def prepare_elastic(run_dir: Path, world_size: int, rank: int) -> bool:
         try:
             check_tag_safe(run_dir / tag)
             to_universal(run_dir / tag, out)
-        except CheckpointError as e:
+        except (CheckpointError, files.WriteError) as e:  # a full disk, too, is one line on every rank
             failure = e
     if distributed.any_rank(failure is not None):
         raise failure or CheckpointError(f"rank 0 could not convert {run_dir / tag} to a universal checkpoint")
@@ -394,10 +392,8 @@ def to_universal(src: Path, out: Path) -> None:
     """DeepSpeed's converter into a temporary folder, renamed when done: a crash never leaves half a conversion."""
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds_to_universal(universal_args(src, tmp))
-    tmp.rename(out)
+    args = universal_args(src, files.temporary(out))  # checked before anything is written
+    files.replace(out, lambda tmp: ds_to_universal(args))
 
 
 def elastic_batch(batch: int, saved_accum: int, accum: int) -> int:

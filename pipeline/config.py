@@ -15,7 +15,6 @@ import dataclasses
 import math
 import os
 import re
-import sys
 import types
 import typing
 from collections.abc import Callable
@@ -361,14 +360,6 @@ def parse_override(text: str) -> dict[str, Any]:
         cur = cur.setdefault(p, {})
     cur[parts[-1]] = value
     return node
-
-
-def paths_as_bytes() -> None:
-    """A path that is not UTF-8 reaches Python (argv, directory listings) as surrogates, which stdout refuses in most
-    UTF-8 locales: print them as the bytes they were, as ``ls`` does, instead of crashing on the first such line."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="surrogateescape")
 
 
 def _utf8(text: str) -> bool:

@@ -34,7 +34,13 @@ from data_loaders.errors import SovitError
 from . import distributed
 from .config import RunConfig
 
-AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> compute dtype; fp32: none
+
+
+def autocast(precision: str, device_type: str) -> torch.autocast:
+    """The compute of ``train.precision`` on ``device_type``: autocast to its dtype, or off for fp32."""
+    return torch.autocast(device_type, dtype=AUTOCAST_DTYPES.get(precision, torch.float32),
+                          enabled=precision in AUTOCAST_DTYPES)
 
 
 def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = False,
@@ -60,7 +66,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
     if t.precision in AUTOCAST_DTYPES:
         # no module's gradients are reduced in the compute dtype: DeepSpeed's default list (Linear, Conv) would
         # round those gradients to bf16/fp16 at ZeRO 1-3, even on one rank, where ZeRO-0 reduces in fp32
-        ds["torch_autocast"] = {"enabled": True, "dtype": AUTOCAST_DTYPES[t.precision],
+        ds["torch_autocast"] = {"enabled": True, "dtype": str(AUTOCAST_DTYPES[t.precision]).removeprefix("torch."),
                                 "lower_precision_safe_modules": []}
     return ds
 
@@ -215,10 +221,9 @@ def evaluate(model: torch.nn.Module, loader, precision: str, device: torch.devic
     was_training = model.training
     model.eval()
     sums, n = torch.zeros(3, dtype=torch.float64, device=device), 0  # top-1 hits, top-5 hits, loss sum; images
-    autocast = torch.autocast(device.type, dtype=getattr(torch, AUTOCAST_DTYPES.get(precision, "float32")),
-                              enabled=precision in AUTOCAST_DTYPES)
+    amp = autocast(precision, device.type)
     for images, labels in loader:
-        sums += eval_step(model, images, labels, autocast)
+        sums += eval_step(model, images, labels, amp)
         n += labels.shape[0]
         if progress is not None:
             progress.update(1)

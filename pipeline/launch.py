@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +22,9 @@ from data_loaders import class_names
 from data_loaders.errors import SovitError
 from data_loaders.splits import check_classes
 from pipeline import slurm
-from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args, paths_as_bytes
+from pipeline.config import CONFIGS_DIR, RunConfig, config_from_args
 from pipeline.distributed import cpu_threads
+from pipeline.runtime import command, paths_as_bytes
 from pipeline.tracking import hide_credentials, tracking_uri
 
 DEMO_DATA = Path("data/synthetic").resolve()  # relative to the working directory, like runs/ and mlflow.db
@@ -117,7 +117,7 @@ def _check_data(cfg: RunConfig) -> None:
     if Path(d.train).parent == DEMO_DATA and not Path(d.train).exists():
         return  # the demo set is generated just before training
     ffcv = d.loader == "ffcv"
-    kind = f"a .beton file (convert with {tool('python')} -m data_loaders.convert)" if ffcv else "an ImageFolder dir"
+    kind = f"a .beton file (convert with {command()} -m data_loaders.convert)" if ffcv else "an ImageFolder dir"
     for key, path in (("data.train", d.train), ("data.val", d.val)):
         _check(Path(path).is_file() if ffcv else Path(path).is_dir(), f"{key}={path} (loader {d.loader})",
                f"{kind} that exists")
@@ -125,12 +125,6 @@ def _check_data(cfg: RunConfig) -> None:
     cfg.model.num_classes = cfg.model.num_classes or len(train)
     check_classes(train, d.train, cfg.model.num_classes)
     check_classes(class_names(d, "val"), d.val, cfg.model.num_classes, train)
-
-
-def tool(name: str) -> str:
-    """A command installed beside this Python (setup.sh puts none of them on PATH), relative to here when below."""
-    path = Path(sys.executable).parent / name
-    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
 
 
 def run_local(plan: Plan, log_dir: str, interface: str | None):

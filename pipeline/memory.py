@@ -17,8 +17,8 @@ import torch
 
 import pipeline.models  # noqa: F401  (registers sovit_* with timm)
 from pipeline.config import RunConfig
+from pipeline.engine import autocast
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 GIB = 2**30
 
 
@@ -56,7 +56,7 @@ def activation_bytes(model: torch.nn.Module, img_size: int, precision: str, batc
         return t
 
     model.train()
-    with (torch.autocast("cpu", dtype=AUTOCAST.get(precision, torch.float32), enabled=precision in AUTOCAST),
+    with (autocast(precision, "cpu"),
           torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)):
         model(torch.randn(batch, 3, img_size, img_size))
     return sum(seen.values())

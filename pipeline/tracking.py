@@ -23,7 +23,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -33,8 +32,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from data_loaders import sidecar_path
+
 from . import files
 from .config import ConfigError, RunConfig
+from .runtime import command, slurm_job_id
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 # MLflow 3.17's UI opens an experiment in its GenAI view (traces, tokens) unless told otherwise. The experiment-kind
@@ -120,8 +122,7 @@ def ui_link(uri: str, experiment_id: str | None = None) -> str:
     parts = urlsplit(uri)
     if parts.scheme in ("http", "https"):
         return urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path.rstrip("/"), "", "")) + path
-    mlflow = Path(sys.executable).parent / "mlflow"
-    return f"{mlflow} ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000{path}"
+    return f"{command('mlflow')} ui --backend-store-uri {redact(uri)}, then open http://127.0.0.1:5000{path}"
 
 
 def _text(value: str) -> str:
@@ -135,7 +136,7 @@ def default_tags(cfg: RunConfig, world_size: int) -> dict[str, str]:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         tags["git_commit"] = subprocess.run(["git", "-C", str(PROJECT_DIR), "rev-parse", "HEAD"], capture_output=True,
                                             text=True, timeout=5, check=True).stdout.strip()
-    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    job = slurm_job_id()
     if job:
         tags["slurm_job_id"] = job
     return tags
@@ -229,9 +230,7 @@ class JsonlTracker(Tracker):
         """Records the ``.beton`` a loader reads as an MLflow dataset input of the run (``mlflow.log_input``): named
         after the file, sourced at its path, with ``dataset_digest`` of its conversion report (the sidecar JSON) as
         digest. ``sidecar`` may be the ``.beton`` or its sidecar."""
-        sidecar = Path(sidecar)
-        if sidecar.suffix == ".beton":
-            sidecar = sidecar.with_name(sidecar.name + ".json")
+        sidecar = sidecar_path(sidecar) if Path(sidecar).suffix == ".beton" else Path(sidecar)
         try:
             report = json.loads(sidecar.read_bytes())
         except (OSError, ValueError) as e:  # never fatal to training

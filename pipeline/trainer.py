@@ -20,10 +20,8 @@ or FAILED.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -38,9 +36,10 @@ from timm.utils import ModelEmaV3, distribute_bn
 
 import data_loaders
 import pipeline.models  # noqa: F401  (registers sovit_* with timm)
-from pipeline import checkpoint, distributed, engine, export, metrics, tracking
+from pipeline import checkpoint, distributed, engine, export, files, metrics, tracking
 from pipeline.config import ConfigError, RunConfig, save_config
 from pipeline.models import forward_flops
+from pipeline.runtime import slurm_job_id
 
 # SLURM sends SIGKILL this long after SIGTERM (its KillWait default): a save must fit in it to be worth starting
 TERM_GRACE_S = 30.0
@@ -90,9 +89,10 @@ class RunResult:
     def requeue(self) -> bool:
         return self.status == "STOPPED"
 
-    def summary(self, val_data: str) -> str:
-        """What a user needs at the end: the best result, where its weights are, and the next commands."""
-        run_dir, py = Path(self.run_dir), _python()
+    def summary(self) -> str:
+        """What a user needs at the end: the best result, where its weights and curves are (the launcher that
+        printed it adds the commands that use them)."""
+        run_dir = Path(self.run_dir)
         lines = [f"{self.status.lower()} at step {self.step} (epoch {self.epoch}), run dir {run_dir}"]
         ema = self.best_eval.get("ema_top1")
         if self.best_eval:
@@ -101,9 +101,7 @@ class RunResult:
         if (run_dir / "best.safetensors").exists():
             which = "the EMA's" if ema is not None else "the model's"
             lines.append(f"  weights  {run_dir / 'best.safetensors'} ({which} best, with its config)")
-        lines += [f"  export   {py} launchers/export.py {run_dir} --out {run_dir / 'export'}",
-                  f"  evaluate {py} launchers/evaluate.py --checkpoint {run_dir / 'export'} --data {val_data}",
-                  f"  curves   {run_dir / 'summary.csv'}, {run_dir / 'metrics.jsonl'}"]
+        lines.append(f"  curves   {run_dir / 'summary.csv'}, {run_dir / 'metrics.jsonl'}")
         if self.link:
             lines.append(f"  MLflow   {self.link}")
         return "\n".join(lines)
@@ -476,7 +474,7 @@ class Trainer:
                            best_epoch=state.best_epoch, best_eval=state.best_eval, val=self.last_eval,
                            message=message, signal=stopped_by, link=self.tracker.ui_link())
         if info.is_main:
-            checkpoint.write_json(self.run_dir / "final_metrics.json", result.to_json())
+            files.write_json(self.run_dir / "final_metrics.json", result.to_json())
             for artifact in (self.run_dir / "config.yaml", self.run_dir / "final_metrics.json",
                              self.run_dir / "summary.csv", data_loaders.sidecar_path(self.cfg.data.train)):
                 self.tracker.log_artifact(artifact)
@@ -500,9 +498,7 @@ def _resolve_device_defaults(cfg: RunConfig, device: torch.device) -> None:
 
 def default_run_dir(arch: str, job_id: str | None = None) -> Path:
     """``runs/<arch>-<SLURM job id>``: stable across requeues of one job; elsewhere the start time."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID") and (f"{os.environ['SLURM_ARRAY_JOB_ID']}_"
-                                                       f"{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}")
-    job = job_id or array or os.environ.get("SLURM_JOB_ID")
+    job = job_id or slurm_job_id()
     return Path("runs") / f"{arch}-{job or time.strftime('%Y%m%d-%H%M%S')}"
 
 
@@ -546,14 +542,6 @@ def _check_fixed_keys(cfg: RunConfig, run_dir: Path) -> None:
     if diffs:
         raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(diffs)}): use a new "
                           "checkpoint.run_dir, or --set checkpoint.allow_config_change=true to resume anyway")
-
-
-def _python() -> str:
-    """The interpreter to put in printed commands: ``.venv/bin/python`` as the user would type it."""
-    exe = Path(sys.executable)
-    with contextlib.suppress(ValueError):
-        return str(exe.relative_to(Path.cwd()))
-    return str(exe)
 
 
 def _progress(total: int, initial: int, enabled: bool, **kw):
