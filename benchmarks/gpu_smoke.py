@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_loaders.errors import SovitError
+from pipeline.result import Status
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "launchers" / "train.py"
@@ -245,7 +246,7 @@ class Smoke:
         run_dir = self.work / f"train-{loader}-{ranks}"
         out = self.train_to_exit(loader, run_dir, ranks, "train")
         final = final_metrics(run_dir)
-        if final["status"] != "FINISHED" or final["step"] != self.steps:
+        if final["status"] != Status.FINISHED or final["step"] != self.steps:
             raise CheckFailed(f"status {final['status']} at step {final['step']}, expected FINISHED at {self.steps}",
                               out)
         records = read_jsonl(run_dir / "metrics.jsonl")
@@ -277,7 +278,7 @@ class Smoke:
         final = final_metrics(run_dir)
         step, per_epoch = final["step"], self.steps // 2
         latest = (run_dir / "latest").read_text().strip() if (run_dir / "latest").is_file() else None
-        if final["status"] != "STOPPED" or final.get("signal") != "SIGUSR1":
+        if final["status"] != Status.STOPPED or final.get("signal") != "SIGUSR1":
             raise CheckFailed(f"status {final['status']} (signal {final.get('signal')}), expected STOPPED by SIGUSR1",
                               out)
         if step % per_epoch == 0 or latest != f"step_{step:08d}":
@@ -292,7 +293,7 @@ class Smoke:
         final = final_metrics(run_dir)
         if f"resuming at step {stopped}" not in out:
             raise CheckFailed(f"no 'resuming at step {stopped}' in the output", out)
-        if final["status"] != "FINISHED" or final["step"] != self.steps:
+        if final["status"] != Status.FINISHED or final["step"] != self.steps:
             raise CheckFailed(f"status {final['status']} at step {final['step']}, expected FINISHED at {self.steps}",
                               out)
         return f"resuming at step {stopped}, FINISHED at step {self.steps}"
@@ -344,8 +345,8 @@ def evaluate_export(out_dir: Path, run_dir: Path, device: str) -> tuple[dict, di
     import data_loaders
     import pipeline.models  # noqa: F401  (registers sovit_* with timm)
     from pipeline import engine
-    from pipeline.checkpoint import consolidated_state_dict
     from pipeline.config import load_config
+    from pipeline.export import consolidated_state_dict
 
     cfg = load_config([run_dir / "config.yaml"])
     dev = torch.device(device)

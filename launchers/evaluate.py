@@ -34,13 +34,13 @@ def load(a: argparse.Namespace) -> tuple[RunConfig, Callable[[], dict[str, torch
     """The RunConfig of ``--checkpoint`` (any of its three forms) and how to read its weights: consolidating a run's
     ZeRO shards can take minutes, so it waits until the data has been checked."""
     from pipeline import export
-    from pipeline.checkpoint import CheckpointError, consolidated_state_dict
+    from pipeline.checkpoint import CheckpointError
     from pipeline.config import DataConfig, config_from_args, load_config
 
     ckpt = a.checkpoint
     if (ckpt / "config.yaml").is_file():
         cfg = load_config([ckpt / "config.yaml", *a.config], a.overrides)
-        return cfg, lambda: consolidated_state_dict(ckpt, a.tag, ema=a.ema)
+        return cfg, lambda: export.consolidated_state_dict(ckpt, a.tag, ema=a.ema)
     if not (ckpt / export.CONFIG).is_file() and not ckpt.is_file():
         raise CheckpointError(f"--checkpoint {ckpt} is neither a run directory (config.yaml), an exported folder "
                               "(config.json) nor a .safetensors file")

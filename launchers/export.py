@@ -48,12 +48,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_loaders.errors import SovitError
     from pipeline import export
-    from pipeline.checkpoint import consolidated_state_dict
     from pipeline.config import load_config
 
     try:
         cfg = load_config([a.run_dir / "config.yaml"])
-        state_dict = consolidated_state_dict(a.run_dir, a.tag, a.ema)
+        state_dict = export.consolidated_state_dict(a.run_dir, a.tag, a.ema)
         a.out.parent.mkdir(parents=True, exist_ok=True)  # once the weights are read: a bad run leaves no folders
         (export.save_local_dir if fmt == "local-dir" else export.save_safetensors)(state_dict, cfg, a.out)
     except SovitError as e:

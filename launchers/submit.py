@@ -24,9 +24,10 @@ from launchers.train import EXIT_CODES
 from pipeline import slurm
 from pipeline.config import add_config_args, plain
 from pipeline.launch import SBATCH_FLAGS, Plan, Terminated, make_plan, run_local
+from pipeline.result import Status
+from pipeline.run_dir import default_run_dir
 from pipeline.runtime import paths_as_bytes
 from pipeline.tracking import ui_link
-from pipeline.trainer import default_run_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +81,7 @@ def local(args: argparse.Namespace, plan: Plan) -> int:
     t0 = time.time()
     result = run_local(plan, args.log_dir, args.interface)
     top1 = result.val.get("top1")
-    print(f"{'done' if result.status == 'FINISHED' else result.status} in {time.time() - t0:.0f} s on "
+    print(f"{'done' if result.status is Status.FINISHED else result.status} in {time.time() - t0:.0f} s on "
           f"{plan.ranks_per_node} local ranks: validation top-1 "
           f"{f'{top1:.2f}%' if top1 is not None else 'not evaluated'}\n{result.summary()}\n"
           f"{next_commands(result.run_dir, plan.cfg.data.val)}")

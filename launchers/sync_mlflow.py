@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from data_loaders.errors import SovitError
 from launchers import parser
 from pipeline import tracking
 
@@ -22,9 +23,9 @@ def main(argv: list[str] | None = None) -> None:
     record = a.run_dir / "metrics.jsonl" if a.run_dir.is_dir() else a.run_dir
     try:
         done = tracking.sync(record, a.uri)
-    except (OSError, ValueError) as e:
+    except (SovitError, OSError, ValueError) as e:  # no record of a tracked run, or one this cannot read
         print(f"error: {tracking.redact(str(e))}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(e.exit_code if isinstance(e, SovitError) else 2) from None
     except Exception as e:  # MLflow unreachable: nothing was lost, try again later
         print(f"error: MLflow did not take the record ({tracking.redact(str(e).splitlines()[0])}); nothing is "
               "lost, run this again later", file=sys.stderr)

@@ -14,9 +14,10 @@ import subprocess
 import sys
 
 from launchers import next_commands, parser
+from pipeline.result import Status
 from pipeline.runtime import paths_as_bytes, slurm_job_id
 
-EXIT_CODES = {"FINISHED": 0, "STOPPED": 0, "FAILED": 1, "KILLED": 143}
+EXIT_CODES = {Status.FINISHED: 0, Status.STOPPED: 0, Status.FAILED: 1, Status.KILLED: 143}
 
 
 def requeue_self() -> None:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if result.requeue and slurm_job_id() and main_rank:
         requeue_self()
-    elif main_rank and result.status in ("FINISHED", "KILLED"):
+    elif main_rank and result.status in (Status.FINISHED, Status.KILLED):
         print(f"{result.summary()}\n{next_commands(result.run_dir, cfg.data.val)}", flush=True)
     return 130 if result.signal == "SIGINT" else EXIT_CODES[result.status]
 

@@ -14,13 +14,12 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
 
@@ -28,9 +27,9 @@ from data_loaders.config import DataConfig
 from data_loaders.errors import ConfigError
 
 from . import files
+from .config_rules import ARCHS, check, field_rules
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-ARCHS = ("sovit_7", "sovit_10", "sovit_14", "sovit_19")
 
 
 @dataclass
@@ -143,170 +142,33 @@ class RunConfig:
         the batch arithmetic of that many ranks."""
         flat = self.flat()
         for key, rule in field_rules().items():
-            _check(rule.ok(flat[key]), key, flat[key], rule.expected)
+            check(rule.ok(flat[key]), key, flat[key], rule.expected)
         m, d, t = self.model, self.data, self.train
-        _check(d.img_size == m.img_size, "data.img_size", d.img_size,
+        check(d.img_size == m.img_size, "data.img_size", d.img_size,
                f"equal to model.img_size ({m.img_size})")
         s = self.schedule
-        _check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
+        check(s.warmup_epochs < s.epochs, "schedule.warmup_epochs", s.warmup_epochs,
                f"an integer in [0, schedule.epochs={s.epochs})")
-        _check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
+        check(t.global_batch_size % d.micro_batch_size == 0, "train.global_batch_size", t.global_batch_size,
                f"a multiple of data.micro_batch_size={d.micro_batch_size}")
-        _check(not (t.precision == "fp16" and t.zero_stage > 0), "train.precision", t.precision,
+        check(not (t.precision == "fp16" and t.zero_stage > 0), "train.precision", t.precision,
                f"bf16 or fp32 with train.zero_stage={t.zero_stage}, or fp16 with train.zero_stage=0 (DeepSpeed's "
                "ZeRO optimizer skips an overflowing fp16 step before the gradient scaler sees it: the scale never "
                "backs off)")
-        _check(not (self.ema.enabled and t.zero_stage == 3), "ema.enabled", self.ema.enabled,
+        check(not (self.ema.enabled and t.zero_stage == 3), "ema.enabled", self.ema.enabled,
                "false with train.zero_stage=3 (ZeRO-3 partitions the parameters the EMA copies; use stage <= 2)")
         mixing = (self.mixup.mixup > 0 or self.mixup.cutmix > 0) and self.mixup.prob > 0
-        _check(not (mixing and d.micro_batch_size % 2), "data.micro_batch_size", d.micro_batch_size,
+        check(not (mixing and d.micro_batch_size % 2), "data.micro_batch_size", d.micro_batch_size,
                "an even number while mixup/cutmix is on (timm's Mixup pairs each batch with its flip)")
         redacted = self.tracking.enabled and "***@" in (self.tracking.uri or "")
-        _check(not redacted or os.environ.get("MLFLOW_TRACKING_URI"), "tracking.uri", self.tracking.uri,
+        check(not redacted or os.environ.get("MLFLOW_TRACKING_URI"), "tracking.uri", self.tracking.uri,
                "its credentials in $MLFLOW_TRACKING_URI (a redacted URI stands for that variable)")
         if world_size is not None:
             per_step = d.micro_batch_size * world_size
-            _check(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
+            check(t.global_batch_size % per_step == 0, "train.global_batch_size", t.global_batch_size,
                    f"a multiple of data.micro_batch_size x world size = {d.micro_batch_size} x {world_size}"
                    f" = {per_step}")
         return self
-
-
-class Rule(NamedTuple):
-    """What one field accepts beyond its type: ``ok(value)``, that in words, and a value it refuses (the tests
-    feed that one to every field)."""
-
-    ok: Callable[[Any], bool]
-    expected: str
-    outside: Any
-
-
-# fields any text is right for: paths (the loaders and the run lock check them, naming the key) and names
-FREE_TEXT = ("data.train", "data.val", "checkpoint.run_dir", "tracking.run_name")
-
-
-def field_rules() -> dict[str, Rule]:
-    """The rule of every field that is not a Literal, a bool or free text (``FREE_TEXT``); tests/test_config.py
-    fails when a new field has none. Enum-like strings are checked by the libraries that read them: timm builds
-    its transforms with the value, MLflow looks its URI scheme up in its own store registry."""
-    probability, below_one = Rule(lambda v: 0 <= v <= 1, "a probability in [0, 1]", 1.5), _fraction_below_one()
-    seed = Rule(lambda v: 0 <= v < 2**31, "an integer in [0, 2**31) (numpy's seeds are 32-bit, and the rank and "
-                "step are added)", -1)
-    return {
-        "model.arch": Rule(lambda v: v in ARCHS, f"one of {', '.join(ARCHS)}", "sovit_8"),
-        "model.img_size": Rule(lambda v: v >= 32 and v % 8 == 0, "a multiple of 8, at least 32 (the token embedding "
-                               "downsamples by 8 or more)", 100),
-        "model.num_classes": _optional(_at_least(2), "for the data's class count"),
-        "model.drop_path_rate": below_one,
-        "model.drop_rate": below_one,
-        "data.micro_batch_size": _at_least(1),
-        "data.workers": _at_least(0),
-        "data.img_size": _at_least(32),  # and equal to model.img_size, below
-        "data.scale": Rule(lambda v: 0 < v[0] <= v[1] <= 1, "(min, max) with 0 < min <= max <= 1", (0.0, 1.0)),
-        "data.ratio": Rule(lambda v: 0 < v[0] <= v[1], "(min, max) with 0 < min <= max", (1.0, 0.5)),
-        "data.hflip": probability,
-        "data.mean": Rule(lambda v: all(0 <= x <= 1 for x in v), "three numbers in [0, 1] (of pixels scaled to "
-                          "[0, 1])", (0.5, 0.5, 128.0)),
-        "data.std": Rule(lambda v: all(x > 0 for x in v), "three positive numbers", (0.2, 0.2, 0.0)),
-        "data.crop_pct": Rule(lambda v: 0 < v <= 1, "a fraction in (0, 1]", 0.0),
-        "data.train_interpolation": _timm("an interpolation timm knows (bilinear, bicubic, ...) or random",
-                                          is_training=True, interpolation=None),
-        "data.eval_interpolation": _timm("an interpolation timm knows (bilinear, bicubic, ...)", is_training=False,
-                                         interpolation=None),
-        "data.auto_augment": _optional(_timm("a policy timm's parser accepts (rand-m9-mstd0.5-inc1, augmix-m5, "
-                                             "original, ...)", is_training=True, auto_augment=None)),
-        "data.color_jitter": _timm(">= 0 (timm's colour jitter strength)", is_training=True, color_jitter=None),
-        "data.reprob": probability,
-        "data.remode": _timm("a random-erasing mode timm knows (const, rand, pixel)", is_training=True, re_prob=0.5,
-                             re_mode=None),
-        "data.seed": seed,
-        "optim.lr": _positive(),
-        "optim.base_batch_size": _at_least(1),
-        "optim.weight_decay": _non_negative(),
-        "optim.betas": Rule(lambda v: all(0 <= b < 1 for b in v), "two numbers in [0, 1)", (0.9, 1.0)),
-        "optim.eps": _positive(),
-        "optim.clip_grad": _optional(Rule(lambda v: v > 0, "a positive max-norm", 0.0), "for no clipping"),
-        "schedule.epochs": _at_least(1),
-        "schedule.cooldown_epochs": _at_least(0),
-        "schedule.warmup_epochs": _at_least(0),  # and below schedule.epochs, below
-        "schedule.warmup_lr": _non_negative(),
-        "schedule.min_lr": _non_negative(),
-        "mixup.mixup": _non_negative(),
-        "mixup.cutmix": _non_negative(),
-        "mixup.prob": probability,
-        "mixup.switch_prob": probability,
-        "mixup.label_smoothing": probability,
-        "ema.decay": below_one,
-        "train.global_batch_size": _at_least(1),
-        "train.seed": seed,
-        "train.max_steps": _optional(_at_least(1), "for the full schedule"),
-        "train.eval_every_epochs": _at_least(1),
-        "train.log_every_steps": _at_least(1),
-        "train.stop_check_every_steps": _at_least(1),
-        "train.peak_tflops": _optional(_positive(), "to detect it"),
-        "checkpoint.every_steps": _at_least(1),
-        "checkpoint.keep_last": Rule(lambda v: v >= 1, ">= 1 (the newest checkpoint is always kept)", 0),
-        "tracking.uri": _optional(Rule(_mlflow_store, "a URI whose scheme MLflow has a store for (sqlite:///PATH, "
-                                       "http(s)://HOST, postgresql://..., file:PATH)", "foo://bar"),
-                                  "for $MLFLOW_TRACKING_URI or ./mlflow.db"),
-        "tracking.experiment": Rule(lambda v: bool(v.strip()), "a non-empty name", " "),
-    }
-
-
-def _at_least(low: int) -> Rule:
-    return Rule(lambda v: v >= low, f"an integer >= {low}", low - 1)
-
-
-def _positive() -> Rule:
-    return Rule(lambda v: v > 0, "a positive number", 0.0)
-
-
-def _non_negative() -> Rule:
-    return Rule(lambda v: v >= 0, ">= 0", -1.0)
-
-
-def _fraction_below_one() -> Rule:
-    return Rule(lambda v: 0 <= v < 1, "a number in [0, 1)", 1.0)
-
-
-def _optional(rule: Rule, meaning: str = "") -> Rule:
-    return Rule(lambda v: v is None or rule.ok(v), f"{rule.expected}, or null{' ' + meaning if meaning else ''}",
-                rule.outside)
-
-
-def _timm(expected: str, is_training: bool, **kwargs: Any) -> Rule:
-    """A value timm's own transform factory accepts, given as the one keyword of ``kwargs`` that is None: the rest of
-    the transform stays at timm's defaults, so a refusal can only mean this value (torchvision loader: the same
-    factory with the whole config)."""
-    key = next(k for k, v in kwargs.items() if v is None)
-
-    def ok(value: Any) -> bool:
-        from timm.data import create_transform
-
-        try:
-            create_transform(32, is_training=is_training, **{**kwargs, key: value})
-        except Exception:  # timm refuses with assert, KeyError, ValueError or AttributeError, depending on the key
-            return False
-        return True
-
-    return Rule(ok, expected, "no-such-value" if key != "color_jitter" else -1.0)
-
-
-def _mlflow_store(uri: str) -> bool:
-    """MLflow has no public list of its store schemes; its registry is what ``MlflowClient(uri)`` consults."""
-    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
-
-    try:
-        _tracking_store_registry.get_store_builder(uri)
-    except Exception:
-        return False
-    return True
-
-
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        shown = re.sub(r"//[^/@\s]*@", "//***@", repr(value))  # a URI's credentials are never printed
-        raise ConfigError(f"{key}={shown} is invalid: expected {expected}")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -317,7 +179,7 @@ def load_config(files: list[str | Path] = (), overrides: list[str] = (), world_s
     """Merge YAML ``files`` in order, then ``key=value`` overrides; build and validate a RunConfig."""
     merged: dict[str, Any] = {}
     for f in files:
-        _deep_merge(merged, _read_yaml(_resolve(f, CONFIGS_DIR), seen=()))
+        _deep_merge(merged, read_yaml(_resolve(f, CONFIGS_DIR)))
     for o in overrides:
         _deep_merge(merged, parse_override(o))
     return from_dict(merged).validate(world_size)
@@ -409,7 +271,8 @@ def _resolve(name: str | Path, base: Path) -> Path:
     raise ConfigError(f"config file {str(name)!r} not found (looked in ., {base} and {CONFIGS_DIR})")
 
 
-def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping, its ``defaults:`` merged in first; ConfigError for a file that is not one."""
     if path in seen:
         raise ConfigError(f"config {path} includes itself through defaults: {' -> '.join(map(str, seen))}")
     try:
@@ -422,7 +285,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     merged: dict[str, Any] = {}
     for parent in data.pop("defaults", None) or []:
-        _deep_merge(merged, _read_yaml(_resolve(parent, path.parent), (*seen, path)))
+        _deep_merge(merged, read_yaml(_resolve(parent, path.parent), (*seen, path)))
     _deep_merge(merged, data)
     return merged
 

@@ -61,7 +61,7 @@ def deepspeed_config(cfg: RunConfig, world_size: int, load_universal: bool = Fal
         # ZeRO-0 clips in train_micro_step instead, without DeepSpeed's per-step host-to-device copies.
         "gradient_clipping": clip if t.zero_stage > 0 else 0.0,
     }
-    if load_universal:  # resuming on another world size (see checkpoint.prepare_elastic)
+    if load_universal:  # resuming on another world size (see elastic.prepare_elastic)
         ds["checkpoint"] = {"load_universal": True}
     if t.precision in AUTOCAST_DTYPES:
         # no module's gradients are reduced in the compute dtype: DeepSpeed's default list (Linear, Conv) would

@@ -7,23 +7,26 @@ transform (input size, mean/std, crop_pct, interpolation). timm reads ``model_ar
 loads the weights only with ``pretrained=True``. ``best.safetensors`` carries the same config in its header metadata
 (key ``config``); ``read_exported`` reads either form back and ``hub_overrides`` turns the config into ``--set``
 overrides of a RunConfig, so evaluation rebuilds exactly what training evaluated.
+
+``consolidated_state_dict`` reads a run's weights (or its EMA's) out of a checkpoint, whatever the ZeRO stage: what
+``launchers/export.py`` writes and ``launchers/evaluate.py`` scores.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from timm.models import filter_pretrained_cfg, get_pretrained_cfg
 
-from . import files, models  # noqa: F401  (registers sovit_* with timm: their default cfgs are the base of the export's)
+from . import checkpoint, files, models  # noqa: F401  (registers sovit_*: their default cfgs are an export's base)
 from .checkpoint import CheckpointError
 from .config import RunConfig
+from .run_state import saved_ema
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"  # the names timm's local-dir loader looks for first
 
@@ -117,18 +120,65 @@ def read_exported(path: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Te
                               "; expected a folder written by launchers/export.py or a .safetensors file") from None
 
 
-def append_summary(path: Path, epoch: int, step: int, results: dict[str, float]) -> None:
-    """One row per evaluation in ``summary.csv`` (as timm's train.py writes), readable without MLflow. A step that
-    has its row already (a resumed run replaying the steps after its checkpoint) keeps the first one."""
-    row = {"epoch": epoch, "step": step, **{f"val_{k}": v for k, v in results.items()}}
-    new = not path.exists()
-    if not new:
-        with open(path, newline="") as f:
-            if any(r.get("step") == str(step) for r in csv.DictReader(f)):
-                return
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(row))
-    if new:
-        writer.writeheader()
-    writer.writerow(row)
-    files.append(path, text.getvalue())
+def consolidated_state_dict(run_dir: Path, tag: str | None = None, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The fp32 weights (or the EMA's) of ``tag``, else of the checkpoint ``latest`` names, whatever the ZeRO stage.
+
+    Without ``tag``, an unreadable newest checkpoint is an error that names it and the newest one that reads: using
+    an older one silently would hand out weights the user did not ask for. Newer tags that were set aside are named
+    in a warning. ZeRO 1-3 checkpoints are consolidated with DeepSpeed's ``get_fp32_state_dict_from_zero_checkpoint``
+    (the fp32 master weights); stage 0 checkpoints hold the whole module already."""
+    candidates = [tag] if tag else checkpoint.ordered_tags(run_dir)
+    if not candidates:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint: expected a run directory written by the "
+                              "trainer (step_*/COMPLETE)")
+    failures = []
+    for name in candidates:
+        try:
+            weights = _consolidate(run_dir, name, ema)
+        except (CheckpointError, OSError, RuntimeError, KeyError, ValueError) as e:
+            failures.append(f"{name} ({str(e).splitlines()[0][:200]})")
+            continue
+        if failures:
+            raise CheckpointError(f"{run_dir}'s newest checkpoint is unreadable: {'; '.join(failures)}; {name} reads: "
+                                  f"pass --tag {name} to use it, or resume the run, which saves the newer steps again")
+        _warn_set_aside_newer(run_dir, name)
+        return weights
+    raise CheckpointError(f"no checkpoint of {run_dir} could be read: {'; '.join(failures)}")
+
+
+def _warn_set_aside_newer(run_dir: Path, tag: str) -> None:
+    newer = sorted(p.name for p in run_dir.glob("step_*") if checkpoint.TAG.match(p.name) and p.name > tag
+                   and checkpoint.set_aside_reason(run_dir, p.name) is not None)
+    if newer:
+        warnings.warn(f"{run_dir}: reading {tag}; newer {', '.join(newer)} set aside "
+                      f"({checkpoint.set_aside_reason(run_dir, newer[-1])})", stacklevel=3)
+
+
+def _consolidate(run_dir: Path, tag: str, ema: bool) -> dict[str, torch.Tensor]:
+    tag_dir = run_dir / tag
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir} does not exist")
+    checkpoint.check_tag_safe(tag_dir)  # get_fp32_state_dict_from_zero_checkpoint opens the optimizer states too
+    found = sorted(tag_dir.glob("*model_states.pt"))
+    if not found:
+        raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states")
+    states = checkpoint.safe_load(found[0])
+    if ema:
+        sd = saved_ema(states)
+        if sd is None:
+            raise CheckpointError(f"{tag_dir} holds no EMA weights (ema.enabled was false)")
+    elif _zero_stage(states) > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*weights_only.*")
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(run_dir), tag=tag)
+        sd.update({k: v for k, v in (states.get("module") or {}).items() if k not in sd})  # buffers (BN statistics)
+    else:
+        sd = states["module"]
+    return {k: v.detach().float().contiguous() if v.is_floating_point() else v.contiguous() for k, v in sd.items()}
+
+
+def _zero_stage(states: dict) -> int:
+    cfg = states.get("ds_config") or {}
+    return int(cfg.get("zero_optimization", {}).get("stage", 0))

@@ -165,15 +165,20 @@ def run_local(plan: Plan, log_dir: str, interface: str | None):
         try:
             return elastic_launch(config, _rank)(plan.cfg, os.getpid())[0]
         except ChildFailedError as e:
-            rank, failure = (0, e.failures[0]) if 0 in e.failures else e.get_first_failure()
-            message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
-            message = (message or "no message").splitlines()[0]
-            raise RankFailed(f"rank {rank} failed: {message} (its log and traceback: "
-                             f"{Path(failure.error_file).parent})", failure.exitcode) from None
+            raise _rank_failed(e) from None
         except SignalException as e:
             if e.sigval != signal.SIGINT:
                 raise Terminated(e.sigval) from None
             raise KeyboardInterrupt from None
+
+
+def _rank_failed(e) -> RankFailed:
+    """One line for torch's ChildFailedError: rank 0's error when it has one, else the first rank's."""
+    rank, failure = (0, e.failures[0]) if 0 in e.failures else e.get_first_failure()
+    message = failure.message.get("message", "") if isinstance(failure.message, dict) else failure.message
+    message = (message or "no message").splitlines()[0]
+    return RankFailed(f"rank {rank} failed: {message} (its log and traceback: {Path(failure.error_file).parent})",
+                      failure.exitcode)
 
 
 def _rank(cfg: RunConfig, launcher: int):

@@ -1,5 +1,5 @@
 """So-ViT as an MLflow pyfunc, logged as code (MLflow's "models from code"): MLflow copies this file into the logged
-model and runs it when the model is loaded, so no pickled module is stored (``tracking.log_best_model`` logs it).
+model and runs it when the model is loaded, so no pickled module is stored (``mlflow_env.log_best_model`` logs it).
 
 The model's artifact ``export`` is the run's timm local-dir export (config.json + model.safetensors). ``predict``
 takes a float32 batch (N, 3, H, W), normalised as the export's ``pretrained_cfg`` says (``timm.data.

@@ -1,9 +1,9 @@
 """SLURM for ``launchers/submit.py``: time and signal syntax, what a partition's nodes have, the flags and
-environment of the job, and the submitit glue (the executor, and ``Trainer``, the callable each SLURM task runs).
+environment of the job, and the submitit glue (the executor, and ``SlurmTask``, the callable each SLURM task runs).
 
 Requeue has one path, described in docs/slurm.md: ``pipeline.trainer.run`` saves on SIGUSR1 at a step boundary and
-returns STOPPED; under submitit ``Trainer`` then hands the signal to submitit's own handler, which requeues the job
-with the resubmission ``Trainer.checkpoint`` returns; under a plain sbatch ``launchers/train.py`` requeues itself.
+returns STOPPED; under submitit ``SlurmTask`` then hands the signal to submitit's own handler, which requeues the job
+with the resubmission ``SlurmTask.checkpoint`` returns; under a plain sbatch ``launchers/train.py`` requeues itself.
 """
 
 from __future__ import annotations
@@ -155,20 +155,20 @@ def sbatch_script(ex) -> str:
 
 
 def submit(ex, cfg):
-    """Submit ``Trainer()(cfg)``. When sbatch refuses, submitit prints sbatch's stderr and raises; this makes it the
+    """Submit ``SlurmTask()(cfg)``. When sbatch refuses, submitit prints sbatch's stderr and raises; this makes it the
     one line of a SlurmError instead."""
     from submitit.core.utils import FailedJobError
 
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            return ex.submit(Trainer(), cfg)
+            return ex.submit(SlurmTask(), cfg)
     except FailedJobError as e:
         said = [line.removeprefix("sbatch: ").removeprefix("error: ") for line in str(e).splitlines() if line.strip()]
         raise SlurmError(f"sbatch refused the job ({said[-1] if said else 'no message'}): fix what it names, "
                          "see docs/slurm.md") from None
 
 
-class Trainer(Checkpointable):
+class SlurmTask(Checkpointable):
     """One SLURM task of a submitit job: ``pipeline.trainer.run`` on this rank.
 
     When SIGUSR1 (time limit or preemption) made run() save and return STOPPED, run() has put submitit's handler

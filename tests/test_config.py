@@ -13,7 +13,8 @@ import typing
 import pytest
 from conftest import ROOT
 
-from pipeline.config import FREE_TEXT, ConfigError, RunConfig, field_rules, load_config, parse_override, save_config
+from pipeline.config import ConfigError, RunConfig, load_config, parse_override, save_config
+from pipeline.config_rules import FREE_TEXT, field_rules
 
 
 @pytest.mark.parametrize("arch", [7, 10, 14, 19])

@@ -20,9 +20,8 @@ from safetensors.torch import load_file
 import pipeline.models  # noqa: F401  (registers sovit_* with timm)
 from launchers.evaluate import main as evaluate
 from launchers.export import main as export
-from pipeline.checkpoint import consolidated_state_dict
 from pipeline.config import load_config
-from pipeline.export import save_local_dir
+from pipeline.export import consolidated_state_dict, save_local_dir
 
 TAGS = ("step_00000003", "step_00000006")
 

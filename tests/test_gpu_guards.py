@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from pipeline import checkpoint, distributed
+from pipeline import distributed, run_state
 from pipeline.config import ConfigError, load_config
 from pipeline.trainer import _resolve_device_defaults
 
@@ -57,20 +57,20 @@ def test_only_this_ranks_cuda_rng_state_is_saved_and_restored(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append((state, device)))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_device)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_device)
-    state = checkpoint.rng_state()
+    state = run_state.rng_state()
     assert state["cuda"] is own
-    checkpoint.set_rng_state(state)
+    run_state.set_rng_state(state)
     assert restored == [(own, "cuda")]
 
 
 def test_a_cpu_checkpoint_resumes_on_a_gpu_node_and_back(monkeypatch):
     """CPU checkpoints hold no CUDA state (``[]`` before this format, ``None`` now): nothing to restore."""
-    state = checkpoint.rng_state()
+    state = run_state.rng_state()
     assert state["cuda"] is None or torch.cuda.is_available()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda *a, **k: pytest.fail("restored a CUDA state from none"))
     for old_or_new in ([], None):
-        checkpoint.set_rng_state({**state, "cuda": old_or_new})
+        run_state.set_rng_state({**state, "cuda": old_or_new})
 
 
 @pytest.mark.parametrize("stage,compiled", [(0, True), (2, True), (3, False)])

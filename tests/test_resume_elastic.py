@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import TRAIN, torchrun
 
-from pipeline import checkpoint
+from pipeline import elastic
 from pipeline.distributed import free_port
 
 WORKER = Path(__file__).with_name("trainer_worker.py")
@@ -43,7 +43,7 @@ def train(root: Path, run_dir: Path, ranks: int, max_steps: int) -> str:
 
 def test_universal_conversion_arguments_are_parsed_by_deepspeeds_own_parser(tmp_path, monkeypatch):
     """A DeepSpeed release that drops a flag we pass, or changes a default we rely on, fails loudly."""
-    args = checkpoint.universal_args(tmp_path / "in", tmp_path / "out")
+    args = elastic.universal_args(tmp_path / "in", tmp_path / "out")
     assert args.input_folder == str(tmp_path / "in") and args.inject_missing_state and args.strict
     from deepspeed.checkpoint import ds_to_universal
 
@@ -55,11 +55,11 @@ def test_universal_conversion_arguments_are_parsed_by_deepspeeds_own_parser(tmp_
 
     monkeypatch.setattr(ds_to_universal, "parse_arguments", without_merge_workers)
     with pytest.raises(RuntimeError, match="no longer accepts"):
-        checkpoint.universal_args(tmp_path / "in", tmp_path / "out")
+        elastic.universal_args(tmp_path / "in", tmp_path / "out")
     monkeypatch.setattr(ds_to_universal, "parse_arguments", lambda: argparse.Namespace(**{**vars(args),
                                                                                             "strict": False}))
     with pytest.raises(RuntimeError, match=re.escape("changed meaning: {'strict': False}")):
-        checkpoint.universal_args(tmp_path / "in", tmp_path / "out")
+        elastic.universal_args(tmp_path / "in", tmp_path / "out")
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import TRAIN, tiny_run
 
-from pipeline import metrics, trainer
+from pipeline import metrics, progress
 
 # a clean environment for train.py; PYTHONPATH passes through (a checkout's code over the installed one)
 ENV = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin", **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
@@ -84,11 +84,11 @@ def test_a_terminal_keeps_its_progress_bar(monkeypatch):
     from tqdm import tqdm
 
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
-    bar = trainer._progress(10, 0, True)
+    bar = progress.bar(10, 0, True)
     assert isinstance(bar, tqdm)
     bar.close()
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
-    assert isinstance(trainer._progress(10, 0, True), trainer.LineProgress)
+    assert isinstance(progress.bar(10, 0, True), progress.LineProgress)
 
 
 def test_the_terminal_stays_quiet(synthetic_root, tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipeline import checkpoint, distributed, trainer
+from pipeline import checkpoint, distributed, export, trainer
 from pipeline.config import load_config
 
 LIBRARY = Path(trainer.__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def resumed(run_dir: Path, overrides: list[str]) -> dict:
     info = distributed.init()
     tag = checkpoint.ordered_tags(run_dir)[0]
     t = trainer.Trainer(cfg, info, run_dir)
-    saved = checkpoint.consolidated_state_dict(run_dir, tag=tag)
+    saved = export.consolidated_state_dict(run_dir, tag=tag)
     now = {k: v.detach().float() for k, v in t.engine.module.state_dict().items()}
     return {"tag": tag, "step": t.state.step, "keys_equal": saved.keys() == now.keys(),
             "max_abs_diff": max((saved[k] - now[k]).abs().max().item() for k in saved)}

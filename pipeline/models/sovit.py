@@ -161,12 +161,11 @@ class SoViT(nn.Module):
         self.register_buffer("pos_embed", sinusoid_table(self.patch_embed.num_patches + 1, embed_dim),
                              persistent=False)
         self.pos_drop = nn.Dropout(drop_rate)
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)
         self.grad_checkpointing = False
         self.blocks = nn.Sequential(*[
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=False, proj_drop=drop_rate, attn_drop=attn_drop_rate,
-                  drop_path=dpr[i])
-            for i in range(depth)])
+                  drop_path=rate)
+            for rate in calculate_drop_path_rates(drop_path_rate, depth)])
         self.feature_info = [{"module": f"blocks.{i}", "num_chs": embed_dim, "reduction": self.patch_embed.reduction}
                              for i in range(depth)]
         self.norm = nn.LayerNorm(embed_dim)
