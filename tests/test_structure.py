@@ -1,5 +1,6 @@
 """The shape of the code, checked so that it stays: imports go one way between the top-level folders (the table in
-docs/design.md) and never in a circle, and every error of ours has one root that carries its exit code."""
+docs/design.md) and never in a circle, every error of ours has one root that carries its exit code, and no module
+or function of ``pipeline/`` grows past what a reader holds in view (the training loop least of all)."""
 
 from __future__ import annotations
 
@@ -105,3 +106,23 @@ def test_every_error_of_the_project_has_one_root_that_carries_its_exit_code():
     assert [c.__qualname__ for c in errors if not issubclass(c, SovitError)] == []
     assert [c.__qualname__ for c in errors if issubclass(c, (ValueError, RuntimeError))] == []
     assert {c.__qualname__: c.exit_code for c in errors if c.exit_code != 2} == {"NonFiniteLoss": 1, "CheckFailed": 1}
+
+
+def test_no_module_of_the_pipeline_is_longer_than_a_few_screens():
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "pipeline").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def _functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_of_the_pipeline_is_longer_than_a_screen():
+    long = {f"{p.relative_to(ROOT)}:{name}": n for p in (ROOT / "pipeline").rglob("*.py")
+            for name, n in _functions(p) if n > 45}
+    assert long == {}
+    loop = dict(_functions(ROOT / "pipeline" / "trainer.py"))
+    assert loop["_train"] < 40
