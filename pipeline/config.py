@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
@@ -28,6 +28,9 @@ from data_loaders.errors import ConfigError
 
 from . import files
 from .config_rules import ARCHS, check, field_rules
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -169,6 +172,17 @@ class RunConfig:
                    f"a multiple of data.micro_batch_size x world size = {d.micro_batch_size} x {world_size}"
                    f" = {per_step}")
         return self
+
+
+def resolve_device_defaults(cfg: RunConfig, device: torch.device) -> None:
+    """``None`` means "what is fast here": channels_last and torch.compile pay off on CUDA, cost time on a CPU.
+    Not compile at ZeRO-3: its parameter-gathering hooks on every submodule are ``torch.compiler.disable``d, so the
+    compiled model is one graph break per submodule, compile time without its gain."""
+    on_gpu = device.type == "cuda"
+    if cfg.data.channels_last is None:
+        cfg.data.channels_last = on_gpu
+    if cfg.train.compile is None:
+        cfg.train.compile = on_gpu and cfg.train.zero_stage < 3
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -26,7 +26,7 @@ from timm.utils import ModelEmaV3, distribute_bn
 import data_loaders
 import pipeline.models  # noqa: F401  (registers sovit_* with timm)
 from pipeline import checkpoint, distributed, elastic, engine, export, files, metrics, progress, record, tracking
-from pipeline.config import ConfigError, RunConfig, save_config
+from pipeline.config import ConfigError, RunConfig, resolve_device_defaults, save_config
 from pipeline.models import forward_flops
 from pipeline.result import RunResult, Status
 from pipeline.run_dir import check_fixed_keys, lock_run_dir, resolve_run_dir
@@ -41,7 +41,7 @@ def run(cfg: RunConfig) -> RunResult:
     lock, started = None, False
     try:
         cfg.validate(info.world_size)
-        _resolve_device_defaults(cfg, info.device)
+        resolve_device_defaults(cfg, info.device)
         cfg.model.num_classes = cfg.model.num_classes or len(data_loaders.class_names(cfg.data, "train"))
         run_dir = resolve_run_dir(cfg)
         lock = lock_run_dir(run_dir, info.is_main)
@@ -53,17 +53,6 @@ def run(cfg: RunConfig) -> RunResult:
         if lock is not None:
             lock.release(undo=not started)  # a start that failed leaves the run directory as it found it
         distributed.shutdown()
-
-
-def _resolve_device_defaults(cfg: RunConfig, device: torch.device) -> None:
-    """``None`` means "what is fast here": channels_last and torch.compile pay off on CUDA, cost time on a CPU.
-    Not compile at ZeRO-3: its parameter-gathering hooks on every submodule are ``torch.compiler.disable``d, so the
-    compiled model is one graph break per submodule, compile time without its gain."""
-    on_gpu = device.type == "cuda"
-    if cfg.data.channels_last is None:
-        cfg.data.channels_last = on_gpu
-    if cfg.train.compile is None:
-        cfg.train.compile = on_gpu and cfg.train.zero_stage < 3
 
 
 class Trainer:
@@ -153,6 +142,7 @@ class Trainer:
             raise
 
     def _train(self, stop: StopSignals) -> RunResult:
+        """Epochs until the schedule is done, the ranks agree on a stop signal, or the loss is not finite."""
         finished = self._finished_before()
         if finished is not None:
             return finished

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from pipeline import distributed, run_state
-from pipeline.config import ConfigError, load_config
-from pipeline.trainer import _resolve_device_defaults
+from pipeline.config import ConfigError, load_config, resolve_device_defaults
 
 no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch sees no GPU")
 
@@ -77,8 +76,8 @@ def test_a_cpu_checkpoint_resumes_on_a_gpu_node_and_back(monkeypatch):
 def test_compile_is_on_by_default_on_a_gpu_except_under_zero3(stage, compiled):
     """ZeRO-3's parameter hooks on every submodule are torch.compiler.disable'd: a graph break per submodule."""
     cfg = load_config(overrides=[f"train.zero_stage={stage}", "ema.enabled=false"])
-    _resolve_device_defaults(cfg, torch.device("cuda", 0))
+    resolve_device_defaults(cfg, torch.device("cuda", 0))
     assert cfg.train.compile is compiled and cfg.data.channels_last is True
     explicit = load_config(overrides=["train.zero_stage=3", "ema.enabled=false", "train.compile=true"])
-    _resolve_device_defaults(explicit, torch.device("cuda", 0))
+    resolve_device_defaults(explicit, torch.device("cuda", 0))
     assert explicit.train.compile is True  # a user's explicit choice stands
