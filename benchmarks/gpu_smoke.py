@@ -87,7 +87,7 @@ def make_data(root: Path, loaders: list[str], train_images: int, val_images: int
                       val_per_class=max(1, val_images // CLASSES), seed=0)
     paths = {name: (folder / "train", folder / "val") for name in loaders}
     if "ffcv" in loaders:
-        from data_loaders.base import sidecar_path
+        from data_loaders import sidecar_path
         from data_loaders.convert import ConvertOptions, convert
 
         opts = ConvertOptions(max_resolution=size * 8 // 7)

@@ -143,10 +143,10 @@ def test_tasks_are_sized_from_the_nodes(cluster, synthetic_betons, tmp_path):
     assert r.returncode == 2 and len(r.stderr.splitlines()) == 1 and "has no GPUs" in r.stderr, r.stderr
 
 
-def test_one_node_cluster_runs_a_job_and_stops_alone(cluster, synthetic_betons, tmp_path):
+def test_one_node_cluster_runs_a_job_and_stops_alone(cluster, synthetic_betons, tmp_path, tmp_path_factory):
     """start.sh without --netns, as on a workstation, beside the two-node cluster: a 2-rank job finds its master
     (the node's name resolves), and this cluster's stop.sh leaves the other cluster's namespaces alone."""
-    env = {**os.environ, "SOVIT_SLURM_DIR": str(tmp_path / "slurm-state"), "SOVIT_SLURM_PORT": "7817"}
+    env = {**os.environ, "SOVIT_SLURM_DIR": str(tmp_path_factory.mktemp("one-node")), "SOVIT_SLURM_PORT": "7817"}
     out = subprocess.run([CLUSTER / "start.sh"], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     env["SLURM_CONF"] = re.search(r"SLURM_CONF=(\S+)", out.stdout).group(1)
@@ -227,3 +227,13 @@ def assert_saved_requeued_and_resumed_into_one_run(tmp_path: Path, job: str, exp
     assert len(runs) == 1, [r.info.run_id for r in runs]  # the requeued job appended to the same run
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert sorted(logged) == list(range(5, steps + 1, 5)), logged  # continuous: every step once, none lost
+
+
+def test_a_state_dir_too_long_for_slurmds_sockets_is_refused_before_anything_starts(tmp_path):
+    """Under such a directory every job failed to launch and sat held (launch_failed_requeued_held), with the
+    reason only in slurmd's log: its step sockets' paths passed the 108 bytes a Unix socket path holds."""
+    state = tmp_path / ("x" * 80)
+    out = subprocess.run([CLUSTER / "start.sh"], env={**os.environ, "SOVIT_SLURM_DIR": str(state)},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"SOVIT_SLURM_DIR '{state}' is {len(str(state))} characters" in out.stderr
+    assert "expected at most" in out.stderr and not state.exists()

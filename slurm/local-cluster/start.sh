@@ -27,6 +27,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$netns" in ''|*[!0-9]*) echo "start.sh: --netns '$netns' is invalid: expected a node count >= 1" >&2; exit 2 ;; esac
+# slurmd puts each step's socket at $state/spool/<node>/<node>_<job>.<step>, 30 + 2 x the node name's length
+# characters after $state, and a Unix socket path holds 107: past that every job fails to launch and is held.
+node_len=$([ "$netns" -eq 0 ] && hostname -s | tr -d '\n' | wc -c || echo $(( 4 + ${#netns} )))
+max_state=$(( 107 - 30 - 2 * node_len ))
+[ "${#state}" -le "$max_state" ] || { echo "start.sh: SOVIT_SLURM_DIR '$state' is ${#state} characters: slurmd's" \
+  "step sockets under it would pass a Unix socket path's 108 bytes; expected at most $max_state" >&2; exit 2; }
 [ "$(id -u)" -eq 0 ] || { echo "start.sh: must run as root (it starts slurmctld, slurmd and munged)" >&2; exit 1; }
 for bin in slurmctld slurmd munged scontrol sinfo; do
   command -v "$bin" >/dev/null || { echo "start.sh: '$bin' not found: apt-get install slurm-wlm munge" >&2; exit 1; }
