@@ -22,6 +22,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -117,19 +118,9 @@ def _new_store_file() -> Path:
     for old in tmp.glob(f"sovit-store-{host}.*"):
         pid = old.name.rsplit(".", 2)[1]
         with contextlib.suppress(OSError):
-            if pid.isdigit() and old.stat().st_uid == os.getuid() and not _alive(int(pid)):
+            if pid.isdigit() and old.stat().st_uid == os.getuid() and not psutil.pid_exists(int(pid)):
                 old.unlink()
     return tmp / f"sovit-store-{host}.{os.getpid()}.{uuid.uuid4().hex}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, and another user's
-        pass
-    return True
 
 
 # the oldest NVIDIA driver branch each CUDA major version runs on (NVIDIA's CUDA toolkit release notes)
